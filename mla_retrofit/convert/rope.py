@@ -1,0 +1,126 @@
+"""RoPE-subspace isolation: per-frequency mixing across KV heads and the choice of pairs that keep rotation.
+
+Notation (DESIGN.md §3.2). Keys are flattened per layer as ``u_k[j*h + e]``
+(KV head ``j``, dim ``e``), half-split layout: pair ``t`` is dims ``(t, t+h/2)``.
+For frequency ``t`` an orthogonal ``U_t`` (``n_kv x n_kv``) mixes the heads'
+pairs: ``kappa'_{p,t} = sum_j U_t[p, j] kappa_{j,t}``. RoPE rotates every
+head's pair ``t`` by the same angle, so the mix commutes with RoPE.
+
+A *pair* is ``(p, t)``; its two components are ``a = 0, 1``. Mixed key
+coordinate ``(p, t, a)`` lives at row ``p*h + t + a*h/2`` of :func:`mixing_matrix`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def frequency_mixing(key_m2: torch.Tensor, n_kv: int, head_dim: int, query_weight: torch.Tensor | None = None):
+    """``U[t]`` (``[h/2, n_kv, n_kv]``, rows = components by decreasing energy) from the key second moment.
+
+    ``key_m2`` is ``E[u_k u_k^T]`` (``n_kv*h`` square). ``query_weight[j, t]``, if
+    given, weighs head ``j``'s pair ``t`` by the query energy that reads it.
+    """
+    half = head_dim // 2
+    m2 = key_m2.view(n_kv, head_dim, n_kv, head_dim)
+    mixes = []
+    for t in range(half):
+        c = m2[:, t, :, t] + m2[:, t + half, :, t + half]  # [n_kv, n_kv]
+        if query_weight is not None:
+            w = query_weight[:, t].clamp_min(0).sqrt()
+            c = w[:, None] * c * w[None, :]
+        evals, evecs = torch.linalg.eigh(c.double())
+        order = torch.argsort(evals, descending=True)
+        mixes.append(evecs[:, order].T)
+    return torch.stack(mixes).to(key_m2.dtype)
+
+
+def identity_mixing(n_kv: int, head_dim: int, dtype=torch.float64) -> torch.Tensor:
+    return torch.eye(n_kv, dtype=dtype).expand(head_dim // 2, n_kv, n_kv).clone()
+
+
+def mixing_matrix(mix: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The orthogonal ``[n_kv*h, n_kv*h]`` map ``u_k -> kappa'`` (rows indexed ``p*h + t + a*h/2``)."""
+    half, n_kv, _ = mix.shape
+    q = torch.zeros(n_kv * head_dim, n_kv * head_dim, dtype=mix.dtype)
+    for t in range(half):
+        for a in (0, half):
+            rows = torch.arange(n_kv) * head_dim + t + a
+            q[rows[:, None], rows[None, :]] = mix[t]
+    return q
+
+
+def pair_rows(pairs: list[tuple[int, int]], head_dim: int) -> torch.Tensor:
+    """Rows of :func:`mixing_matrix` for ``pairs`` in half-split order (all first components, then all second)."""
+    first = [p * head_dim + t for p, t in pairs]
+    return torch.tensor(first + [r + head_dim // 2 for r in first], dtype=torch.long)
+
+
+def query_maps(mix: torch.Tensor, pairs: list[tuple[int, int]], head_dim: int) -> torch.Tensor:
+    """``[n_kv, 2*len(pairs), h]``: for group ``g``, the map from a query head to its query on ``pairs``.
+
+    The query of head ``i`` (group ``g``) on mixed component ``(p, t, a)`` is
+    ``U_t[p, g] * q_i[t + a*h/2]``.
+    """
+    half, n_kv, _ = mix.shape
+    n = len(pairs)
+    out = torch.zeros(n_kv, 2 * n, head_dim, dtype=mix.dtype)
+    for s, (p, t) in enumerate(pairs):
+        out[:, s, t] = mix[t, p, :]
+        out[:, s + n, t + half] = mix[t, p, :]
+    return out
+
+
+def all_pairs(n_kv: int, head_dim: int) -> list[tuple[int, int]]:
+    return [(p, t) for t in range(head_dim // 2) for p in range(n_kv)]
+
+
+def first_frequency_pairs(n_kv: int, head_dim: int, n_pairs: int) -> list[tuple[int, int]]:
+    """Baseline choice: the highest frequencies (smallest ``t``) of every head."""
+    return all_pairs(n_kv, head_dim)[:n_pairs]
+
+
+def top_pairs(cost: torch.Tensor, n_pairs: int) -> list[tuple[int, int]]:
+    """The ``n_pairs`` pairs with the largest cost of dropping their rotation; ``cost`` is ``[n_kv, h/2]``."""
+    n_kv, half = cost.shape
+    order = torch.argsort(cost.flatten(), descending=True)[:n_pairs].tolist()
+    return sorted(((i // half, i % half) for i in order), key=lambda pt: (pt[1], pt[0]))
+
+
+def drop_rotation_cost(
+    q: torch.Tensor,
+    k_mixed: torch.Tensor,
+    attn: torch.Tensor,
+    mix: torch.Tensor,
+    inv_freq: torch.Tensor,
+    group_of_head: torch.Tensor,
+    attention_scaling: float = 1.0,
+) -> torch.Tensor:
+    """Attention-weighted squared score error from dropping the rotation of each pair, ``[n_kv, h/2]``.
+
+    ``q``: ``[H, T, h]`` unrotated queries; ``k_mixed``: ``[n_kv, T, h]`` mixed
+    unrotated keys (component ``p`` in slot ``p``); ``attn``: ``[H, T, T]`` the
+    original attention probabilities. The score term of pair ``(p, t)`` for
+    head ``i`` at query ``m``, key ``n`` is ``U_t[p, g(i)] (q.k cos(phi) +
+    (q0 k1 - q1 k0) sin(phi))``, ``phi = (m - n) theta_t``; dropping the
+    rotation replaces ``cos -> 1`` and ``sin -> 0``. The cost sums the squared
+    change weighted by ``attn``.
+    """
+    h_count, t_len, head_dim = q.shape
+    half = head_dim // 2
+    n_kv = k_mixed.shape[0]
+    pos = torch.arange(t_len, dtype=q.dtype)
+    delta = pos[:, None] - pos[None, :]
+    cost = torch.zeros(n_kv, half, dtype=torch.float64)
+    for t in range(half):
+        phi = delta * inv_freq[t].to(q.dtype)
+        dcos = torch.cos(phi) * attention_scaling**2 - 1.0
+        dsin = torch.sin(phi) * attention_scaling**2
+        q0, q1 = q[..., t], q[..., t + half]  # [H, T]
+        k0, k1 = k_mixed[..., t], k_mixed[..., t + half]  # [P, T]
+        dot = torch.einsum("hm,pn->hpmn", q0, k0) + torch.einsum("hm,pn->hpmn", q1, k1)
+        cross = torch.einsum("hm,pn->hpmn", q0, k1) - torch.einsum("hm,pn->hpmn", q1, k0)
+        coef = mix[t][:, group_of_head].T.to(q.dtype)  # [H, P]: U_t[p, g(i)]
+        err = coef[:, :, None, None] * (dot * dcos + cross * dsin)
+        cost[:, t] = torch.einsum("hmn,hpmn->p", attn, err.square()).double()
+    return cost

@@ -1,0 +1,418 @@
+"""Retrofitted Multi-head Latent Attention (MLA) causal LM, in the order it runs.
+
+Shipped inside every converted checkpoint (``auto_map``): imports only torch,
+transformers and the sibling configuration file.
+
+Per layer and token the cache holds one tensor ``[c ; k_R]`` of ``r + d_R``
+values (``c``: latent, ``k_R``: the RoPE key shared by all heads); nothing
+else. Attention scores are ``q_i . (W_uk,g c) + RoPE(Q_R,g q_i) . k_R``,
+scaled by ``head_dim ** -0.5`` like the source model, and values are
+``W_uv,g c``.
+
+* Prefill and training expand the latent into per-group keys/values and go
+  through the transformers attention registry (eager, SDPA, flash-attn).
+* Short queries against a cache (decode) use the absorbed form: the query is
+  pulled into latent space (``W_uk,g^T q_i``), all heads attend to the one
+  cached tensor as a single head, and ``W_uv,g`` is applied after.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+
+from .configuration_mla import MLARetrofitConfig
+
+
+class MLARetrofitRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class MLARetrofitRotaryEmbedding(nn.Module):
+    """cos/sin for the source model's full head dim; each layer gathers the frequencies it kept."""
+
+    def __init__(self, config: MLARetrofitConfig):
+        super().__init__()
+        self.config = config
+        inv_freq, self.attention_scaling = self.compute_inv_freq(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(config: MLARetrofitConfig) -> tuple[torch.Tensor, float]:
+        rope_type = config.rope_parameters.get("rope_type", "default")
+        if rope_type != "default":
+            return ROPE_INIT_FUNCTIONS[rope_type](config, None)
+        base, dim = config.rope_parameters["rope_theta"], config.head_dim
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), 1.0
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split RoPE; ``cos``/``sin`` are ``[B, T, d]`` and broadcast over the head axis of ``x``."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n_rep = module.num_key_value_groups
+    key = key.repeat_interleave(n_rep, dim=1) if n_rep > 1 else key
+    value = value.repeat_interleave(n_rep, dim=1) if n_rep > 1 else value
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
+        else:
+            attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class MLARetrofitAttention(nn.Module):
+    """MLA attention with a per-layer latent rank and per-layer kept RoPE frequencies."""
+
+    def __init__(self, config: MLARetrofitConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.kv_groups = config.kv_groups
+        self.num_key_value_groups = self.num_heads // self.kv_groups
+        self.head_dim = config.head_dim
+        self.rank = config.kv_lora_ranks[layer_idx]
+        self.rope_dim = 2 * len(config.rope_freq_idx[layer_idx])
+        self.rope_idx = nn.Buffer(self.rope_index(), persistent=False)
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.sliding_window = config.sliding_window
+        n_kv_dim = config.num_key_value_heads * self.head_dim
+
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.attention_bias)
+        self.q_norm = MLARetrofitRMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        if config.latent_input == "normed_keys":
+            self.k_proj = nn.Linear(config.hidden_size, n_kv_dim, bias=config.attention_bias)
+            self.v_proj = nn.Linear(config.hidden_size, n_kv_dim, bias=config.attention_bias)
+            self.k_norm = MLARetrofitRMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+            latent_in = 2 * n_kv_dim
+        else:
+            latent_in = config.hidden_size
+        self.kv_a_proj = nn.Linear(latent_in, self.rank + self.rope_dim, bias=config.kv_a_bias)
+        # Per group: the map from a query head to its RoPE query, and the latent up-projections.
+        self.q_rope = nn.Parameter(torch.zeros(self.kv_groups, self.rope_dim, self.head_dim))
+        self.k_up = nn.Linear(self.rank, self.kv_groups * self.head_dim, bias=False)
+        self.v_up = nn.Linear(self.rank, self.kv_groups * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.o_bias)
+
+    def rope_index(self) -> torch.Tensor:
+        """Positions of this layer's kept frequencies in the full half-split cos/sin table."""
+        freq_idx = torch.tensor(self.config.rope_freq_idx[self.layer_idx], dtype=torch.long)
+        return torch.cat([freq_idx, freq_idx + self.head_dim // 2])
+
+    # -- pieces -----------------------------------------------------------------------------------
+    def latent_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.config.latent_input == "hidden":
+            return hidden_states
+        b, t, _ = hidden_states.shape
+        k = self.k_proj(hidden_states).view(b, t, -1, self.head_dim)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return torch.cat([k.reshape(b, t, -1), self.v_proj(hidden_states)], dim=-1)
+
+    def queries(self, hidden_states, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q = q.transpose(1, 2)  # [B, H, T, h]
+        w = self.q_rope.repeat_interleave(self.num_key_value_groups, dim=0)  # [H, d_R, h]
+        q_rope = apply_rope(torch.matmul(q, w.transpose(1, 2)), cos, sin)  # [B, H, T, d_R]
+        return q, q_rope
+
+    def latent(self, hidden_states, cos, sin) -> torch.Tensor:
+        """The per-token cache entry ``[c ; RoPE(k_R)]`` as ``[B, 1, T, r + d_R]``."""
+        ckr = self.kv_a_proj(self.latent_input(hidden_states)).unsqueeze(1)
+        c, k_r = ckr.split([self.rank, self.rope_dim], dim=-1)
+        return torch.cat([c, apply_rope(k_r, cos, sin)], dim=-1)
+
+    def up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_uk`` and ``W_uv`` per query head, ``[H, h, r]``."""
+        shape = (self.kv_groups, self.head_dim, self.rank)
+        w_uk = self.k_up.weight.view(shape).repeat_interleave(self.num_key_value_groups, dim=0)
+        w_uv = self.v_up.weight.view(shape).repeat_interleave(self.num_key_value_groups, dim=0)
+        return w_uk, w_uv
+
+    # -- the two attention forms ------------------------------------------------------------------
+    def expanded(self, q, q_rope, latent, attention_mask, **kwargs) -> torch.Tensor:
+        b, _, s, _ = latent.shape
+        c, k_r = latent.split([self.rank, self.rope_dim], dim=-1)
+        k_nope = self.k_up(c).view(b, s, self.kv_groups, self.head_dim).transpose(1, 2)
+        value = self.v_up(c).view(b, s, self.kv_groups, self.head_dim).transpose(1, 2)
+        key = torch.cat([k_nope, k_r.expand(b, self.kv_groups, s, self.rope_dim)], dim=-1)
+        query = torch.cat([q, q_rope], dim=-1)
+        impl = self.config._attn_implementation
+        interface: Callable = eager_attention_forward
+        if impl != "eager":
+            interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
+        pad = "flash" in (impl or "") and self.rope_dim > 0  # flash-attn wants equal q/k/v head dims
+        if pad:
+            value = F.pad(value, (0, self.rope_dim))
+        out, _ = interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        if pad:
+            out = out[..., : self.head_dim]
+        return out  # [B, T, H, h]
+
+    def absorbed(self, q, q_rope, latent, attention_mask) -> torch.Tensor:
+        b, h, t, _ = q.shape
+        s = latent.shape[2]
+        w_uk, w_uv = self.up_weights()
+        q_abs = torch.cat([torch.matmul(q, w_uk), q_rope], dim=-1)  # [B, H, T, r + d_R]
+        # All heads read one cached tensor: fold heads into the query axis (one "head" of H*T queries).
+        q_abs = q_abs.transpose(1, 2).reshape(b, 1, t * h, -1)
+        mask = attention_mask
+        if mask is None and t > 1:
+            mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)[None, None]
+        if mask is not None:
+            mask = mask[:, :, -t:, :].repeat_interleave(h, dim=2)
+        ctx = F.scaled_dot_product_attention(
+            q_abs, latent, latent[..., : self.rank], attn_mask=mask, scale=self.scaling
+        )  # [B, 1, T*H, r]
+        ctx = ctx.view(b, t, h, self.rank)
+        return torch.einsum("bthr,hdr->bthd", ctx, w_uv)  # [B, T, H, h]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        b, t, _ = hidden_states.shape
+        cos, sin = position_embeddings
+        cos, sin = cos[..., self.rope_idx], sin[..., self.rope_idx]
+        q, q_rope = self.queries(hidden_states, cos, sin)
+        latent = self.latent(hidden_states, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.get_seq_length(self.layer_idx)
+            latent, _ = cache.update(latent, latent[..., :0], self.layer_idx)
+        mode = getattr(self, "attn_mode", "auto")
+        use_absorbed = mode == "absorbed" or (
+            mode == "auto" and past > 0 and t <= self.config.absorb_max_q_len and not self.training
+        )
+        if use_absorbed:
+            out = self.absorbed(q, q_rope, latent, attention_mask)
+        else:
+            out = self.expanded(q, q_rope, latent, attention_mask, **kwargs)
+        return self.o_proj(out.reshape(b, t, -1)), None
+
+
+class MLARetrofitMLP(nn.Module):
+    def __init__(self, config: MLARetrofitConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MLARetrofitDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: MLARetrofitConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MLARetrofitAttention(config, layer_idx)
+        self.mlp = MLARetrofitMLP(config)
+        self.input_layernorm = MLARetrofitRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = MLARetrofitRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, attention_mask=None, cache=None, position_embeddings=None, **kwargs):
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            cache=cache,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class MLARetrofitPreTrainedModel(PreTrainedModel):
+    config_class = MLARetrofitConfig
+    config: MLARetrofitConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MLARetrofitDecoderLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, MLARetrofitAttention):
+            init.normal_(module.q_rope, 0.0, self.config.initializer_range)
+            init.copy_(module.rope_idx, module.rope_index())
+        elif isinstance(module, MLARetrofitRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq(module.config)[0])
+
+
+class MLARetrofitModel(MLARetrofitPreTrainedModel):
+    def __init__(self, config: MLARetrofitConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(MLARetrofitDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = MLARetrofitRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = MLARetrofitRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        kwargs.pop("output_attentions", None), kwargs.pop("output_hidden_states", None)
+        kwargs.pop("return_dict", None)
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
+            position_ids = position_ids.unsqueeze(0)
+        mask_fn = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
+        causal_mask = mask_fn(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                cache=cache,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                **kwargs,
+            )
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
+
+
+class MLARetrofitForCausalLM(MLARetrofitPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MLARetrofitConfig):
+        super().__init__(config)
+        self.model = MLARetrofitModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:, :]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep, :]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+
+
+__all__ = ["MLARetrofitForCausalLM", "MLARetrofitModel", "MLARetrofitPreTrainedModel"]

