@@ -117,10 +117,9 @@ class Source:
     gguf_file: str | None = None
 
     def tokenizer(self):
-        from transformers import AutoTokenizer
-
-        kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
-        return AutoTokenizer.from_pretrained(str(self.directory), **kwargs)
+        if getattr(self, "_tokenizer", None) is None:
+            self._tokenizer = load_tokenizer(self.name)
+        return self._tokenizer
 
     def load_model(self, dtype: torch.dtype = torch.float32):
         """The whole original model (teacher or baseline)."""
@@ -185,11 +184,12 @@ def _is_mla_dir(directory: Path) -> bool:
 def resolve(name: str) -> Source:
     """Config and lazy weights of a source model; nothing large is loaded for safetensors models."""
     directory, gguf = _locate(name)
-    config = load_config(name)
     if gguf:
         model = _load_gguf_model(directory, gguf, torch.float32)
+        config = model.config
         weights = StateDictWeights({k: v.detach() for k, v in model.state_dict().items()})
     else:
+        config = load_config(name)
         weights = SafetensorsWeights(directory)
     return Source(name=name, config=config, weights=weights, directory=directory, gguf_file=gguf)
 

@@ -106,21 +106,33 @@ def drop_rotation_cost(
     rotation replaces ``cos -> 1`` and ``sin -> 0``. The cost sums the squared
     change weighted by ``attn``.
     """
-    h_count, t_len, head_dim = q.shape
+    t_len, head_dim = q.shape[1], q.shape[2]
     half = head_dim // 2
-    n_kv = k_mixed.shape[0]
     pos = torch.arange(t_len, dtype=q.dtype)
-    delta = pos[:, None] - pos[None, :]
-    cost = torch.zeros(n_kv, half, dtype=torch.float64)
-    for t in range(half):
-        phi = delta * inv_freq[t].to(q.dtype)
-        dcos = torch.cos(phi) * attention_scaling**2 - 1.0
-        dsin = torch.sin(phi) * attention_scaling**2
-        q0, q1 = q[..., t], q[..., t + half]  # [H, T]
-        k0, k1 = k_mixed[..., t], k_mixed[..., t + half]  # [P, T]
-        dot = torch.einsum("hm,pn->hpmn", q0, k0) + torch.einsum("hm,pn->hpmn", q1, k1)
-        cross = torch.einsum("hm,pn->hpmn", q0, k1) - torch.einsum("hm,pn->hpmn", q1, k0)
-        coef = mix[t][:, group_of_head].T.to(q.dtype)  # [H, P]: U_t[p, g(i)]
-        err = coef[:, :, None, None] * (dot * dcos + cross * dsin)
-        cost[:, t] = torch.einsum("hmn,hpmn->p", attn, err.square()).double()
-    return cost
+    phi = (pos[:, None] - pos[None, :])[None] * inv_freq.to(q.dtype)[:, None, None]  # [h/2, T, T]
+    dcos = torch.cos(phi) * attention_scaling**2 - 1.0
+    dsin = torch.sin(phi) * attention_scaling**2
+    # err = dot * dcos + cross * dsin with dot = q0k0 + q1k1, cross = q0k1 - q1k0. Expanding the square,
+    # every term is sum_mn W_mn f(q_m) g(k_n) with W in {attn dcos^2, attn dcos dsin, attn dsin^2}.
+    q0, q1 = q[..., :half].permute(2, 0, 1), q[..., half:].permute(2, 0, 1)  # [h/2, H, T]
+    k0, k1 = k_mixed[..., :half].permute(2, 0, 1), k_mixed[..., half:].permute(2, 0, 1)  # [h/2, P, T]
+    qa, qb, qc = q0 * q0, q1 * q1, q0 * q1
+    ka, kb, kc = k0 * k0, k1 * k1, k0 * k1
+    keys = torch.stack([ka, kb, kc], dim=1)  # [h/2, 3, P, T]
+    n_kv = k_mixed.shape[0]
+    keys = keys.reshape(half, 3 * n_kv, t_len).transpose(1, 2).unsqueeze(1)  # [h/2, 1, T, 3P]
+
+    def weighted(w):  # sum_n W[t,h,m,n] g[t,p,n] -> [h/2, H, T, 3, P]
+        return torch.matmul(attn.unsqueeze(0) * w.unsqueeze(1), keys).view(half, -1, t_len, 3, n_kv)
+
+    def reduce(m, f):  # sum_m f[t,h,m] M[t,h,m,p] -> [h/2, H, P]
+        return torch.einsum("thm,thmp->thp", f, m)
+
+    m1, m2, m3 = weighted(dcos * dcos), weighted(dcos * dsin), weighted(dsin * dsin)
+    a_, b_, c_ = 0, 1, 2
+    e1 = reduce(m1[..., a_, :], qa) + 2 * reduce(m1[..., c_, :], qc) + reduce(m1[..., b_, :], qb)
+    e2 = reduce(m2[..., c_, :], qa - qb) + reduce(m2[..., b_, :] - m2[..., a_, :], qc)
+    e3 = reduce(m3[..., b_, :], qa) - 2 * reduce(m3[..., c_, :], qc) + reduce(m3[..., a_, :], qb)
+    per_head = e1 + 2 * e2 + e3  # [h/2, H, P]
+    coef = mix[:, :, group_of_head].transpose(1, 2).to(q.dtype)  # [h/2, H, P]: U_t[p, g(i)]
+    return (coef.square() * per_head).sum(1).T.double()  # [P, h/2]
