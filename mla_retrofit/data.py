@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import warnings
 from pathlib import Path
 
 from .errors import UserError
@@ -37,20 +38,28 @@ SMOLTALK = "HuggingFaceTB/smoltalk"
 def _docstrings() -> list[tuple[str, str]]:
     """(qualified name, docstring) for the built-in modules and their public members, in a fixed order."""
     out = []
-    for name in BUILTIN_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in BUILTIN_MODULES:
+            out.extend(_module_docs(name))
+    return out
+
+
+def _module_docs(name: str) -> list[tuple[str, str]]:
+    out = []
+    try:
+        mod = importlib.import_module(name)
+    except ImportError:
+        return out
+    doc = inspect.getdoc(mod)
+    if doc:
+        out.append((name, doc))
+    for member_name, member in sorted(vars(mod).items()):
+        if member_name.startswith("_") or getattr(member, "__module__", None) != mod.__name__:
             continue
-        doc = inspect.getdoc(mod)
-        if doc:
-            out.append((name, doc))
-        for member_name, member in sorted(vars(mod).items()):
-            if member_name.startswith("_") or getattr(member, "__module__", None) != mod.__name__:
-                continue
-            doc = inspect.getdoc(member)
-            if doc and len(doc) > 80:
-                out.append((f"{name}.{member_name}", doc))
+        doc = inspect.getdoc(member)
+        if doc and len(doc) > 80:
+            out.append((f"{name}.{member_name}", doc))
     return out
 
 

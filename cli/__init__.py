@@ -1,0 +1,1 @@
+"""The mla-retrofit command line (installed as ``mla_retrofit_cli``)."""

@@ -1,0 +1,108 @@
+"""KV-cache accounting: analytic bytes per token from a config, and bytes really held by a cache object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1, "int8": 1}
+
+
+def cache_values_per_layer(config) -> list[int]:
+    """Values cached per token in each layer: ``r_l + d_R,l`` for MLA, ``2 * n_kv * h`` for GQA/MHA."""
+    if getattr(config, "model_type", None) == "mla_retrofit":
+        return [r + 2 * len(f) for r, f in zip(config.kv_lora_ranks, config.rope_freq_idx)]
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return [2 * config.num_key_value_heads * head_dim] * config.num_hidden_layers
+
+
+def analytic_bytes(config, tokens: int, batch: int = 1, dtype_bytes: int = 4) -> int:
+    return sum(cache_values_per_layer(config)) * tokens * batch * dtype_bytes
+
+
+def cache_tensors(cache) -> list[torch.Tensor]:
+    """Every tensor a transformers ``Cache`` holds (keys and values of each layer)."""
+    out = []
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                out.append(t)
+    return out
+
+
+def measured_bytes(cache) -> int:
+    """Bytes of storage held by ``cache``: each distinct storage counted once, whole (not the viewed slice)."""
+    seen, total = set(), 0
+    for t in cache_tensors(cache):
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() == 0:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total
+
+
+@dataclass
+class GenerateMeasurement:
+    prompt_tokens: int
+    new_tokens: int
+    cached_tokens: int
+    batch: int
+    measured_bytes: int
+    analytic_bytes: int
+
+
+@torch.no_grad()
+def measure_generate(model, input_ids: torch.Tensor, new_tokens: int, attention_mask=None) -> GenerateMeasurement:
+    """Greedy ``generate()`` and the bytes its cache holds afterwards, next to the analytic figure."""
+    out = model.generate(
+        input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, return_dict_in_generate=True, use_cache=True,
+        pad_token_id=model.config.pad_token_id if model.config.pad_token_id is not None else 0,
+    )
+    cache = out.cache
+    cached = cache.get_seq_length()
+    dtype_bytes = next(model.parameters()).element_size()
+    return GenerateMeasurement(
+        prompt_tokens=input_ids.shape[1], new_tokens=out.sequences.shape[1] - input_ids.shape[1],
+        cached_tokens=cached, batch=input_ids.shape[0], measured_bytes=measured_bytes(cache),
+        analytic_bytes=analytic_bytes(model.config, cached, input_ids.shape[0], dtype_bytes),
+    )
+
+
+def weight_bytes(model_or_config, dtype_bytes: int) -> int:
+    if isinstance(model_or_config, torch.nn.Module):
+        return sum(p.numel() for p in model_or_config.parameters()) * dtype_bytes
+    raise TypeError("pass a model")
+
+
+def largest_fit(config, memory_bytes: int, weights: int, dtype_bytes: int, context: int | None = None, batch: int | None = None) -> int:
+    """Largest batch (given ``context``) or context (given ``batch``) whose cache fits beside the weights."""
+    free = memory_bytes - weights
+    per_token = sum(cache_values_per_layer(config)) * dtype_bytes
+    if free <= 0:
+        return 0
+    if context is not None:
+        return free // (per_token * context)
+    return free // (per_token * (batch or 1))
+
+
+def parse_size(text: str) -> int:
+    """``80GB`` / ``24GiB`` / ``512MB`` -> bytes (GB = 10^9, GiB = 2^30)."""
+    t = text.strip().upper().replace(" ", "")
+    units = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+    for u, mult in units.items():
+        if t.endswith(u):
+            return int(float(t[: -len(u)]) * mult)
+    return int(float(t))
+
+
+def parse_tokens(text: str) -> list[int]:
+    """``4k,32k,128k`` -> [4096, 32768, 131072]."""
+    out = []
+    for part in text.split(","):
+        p = part.strip().lower()
+        out.append(int(float(p[:-1]) * 1024) if p.endswith("k") else int(p))
+    return out

@@ -1,0 +1,188 @@
+"""``bench``: the KV report, fidelity against the baseline and speed, in one run, as one JSON document.
+
+JSON schema (version 1), every section present only when it ran::
+
+    {"schema": 1, "model": str, "baseline": str | null, "command": str, "machine": {...},
+     "kv_report": {"dtype": str, "dtype_bytes": int,
+                   "per_layer": [{"layer", "rank", "rope_dim", "values", "baseline_values"}],
+                   "values_per_token": {"model", "baseline"}, "bytes_per_token": {"model", "baseline"},
+                   "table": [{"context", "batch", "model_bytes", "baseline_bytes"}],
+                   "fit": {"memory_bytes", "weights_bytes", "max_context_batch1": {"model", "baseline"},
+                           "max_batch": [{"context", "model", "baseline"}]},
+                   "measured": {"model": {...GenerateMeasurement}, "baseline": {...}}},
+     "fidelity": {"text", "tokens", "ppl_model", "ppl_baseline", "ppl_ratio", "kl", "top1_agreement"},
+     "speed": [{"context", "batch", "model": {...SpeedPoint}, "baseline": {...}, "decode_ratio", "prefill_ratio"}]}
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .. import __version__, data
+from ..errors import UserError
+from ..sources import load_model, load_tokenizer
+from . import fidelity as fid
+from . import kv, speed
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class BenchConfig:
+    model: str
+    baseline: str | None = None
+    kv_report: bool = True
+    fidelity: bool = True
+    speed: bool = True
+    contexts: str = "4k,32k,128k"
+    batches: str = "1,8"
+    dtype: str = "bf16"
+    memory: str = "80GB"
+    text: str = "builtin-eval"
+    eval_samples: int = 16
+    eval_seq_len: int = 512
+    speed_contexts: str = "4k,8k"
+    speed_batch: int = 1
+    decode_steps: int = 8
+    decode_rounds: int = 3
+    generate_tokens: int = 16
+    threads: int | None = None
+
+    def validate(self) -> None:
+        if self.dtype.lower() not in kv.DTYPE_BYTES:
+            raise UserError(f"--dtype must be one of {', '.join(kv.DTYPE_BYTES)}")
+        for name in ("contexts", "batches", "speed_contexts"):
+            try:
+                kv.parse_tokens(getattr(self, name))
+            except ValueError as e:
+                raise UserError(f"--{name.replace('_', '-')} must be a comma list like 4k,32k ({e})") from e
+        try:
+            kv.parse_size(self.memory)
+        except ValueError as e:
+            raise UserError(f"--memory must look like 80GB or 24GiB ({e})") from e
+
+
+def default_baseline(model_dir: str) -> str | None:
+    record = Path(model_dir) / "conversion.json"
+    if record.is_file():
+        return json.loads(record.read_text()).get("source_model")
+    return None
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "mla_retrofit": __version__}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def kv_report(cfg: BenchConfig, model, baseline, tokenizer) -> dict:
+    dtype_bytes = kv.DTYPE_BYTES[cfg.dtype.lower()]
+    mvals = kv.cache_values_per_layer(model.config)
+    bvals = kv.cache_values_per_layer(baseline.config) if baseline is not None else None
+    c = model.config
+    per_layer = []
+    for i, v in enumerate(mvals):
+        row = {"layer": i, "values": v, "baseline_values": bvals[i] if bvals else None}
+        if c.model_type == "mla_retrofit":
+            row.update(rank=c.kv_lora_ranks[i], rope_dim=2 * len(c.rope_freq_idx[i]))
+        per_layer.append(row)
+    contexts, batches = kv.parse_tokens(cfg.contexts), kv.parse_tokens(cfg.batches)
+    table = [{"context": t, "batch": b, "model_bytes": sum(mvals) * t * b * dtype_bytes,
+              "baseline_bytes": sum(bvals) * t * b * dtype_bytes if bvals else None}
+             for t in contexts for b in batches]
+    memory = kv.parse_size(cfg.memory)
+    weights = sum(p.numel() for p in model.parameters()) * dtype_bytes
+    bweights = sum(p.numel() for p in baseline.parameters()) * dtype_bytes if baseline is not None else None
+    fit = {"memory_bytes": memory, "weights_bytes": weights, "baseline_weights_bytes": bweights,
+           "max_context_batch1": {
+               "model": kv.largest_fit(c, memory, weights, dtype_bytes, batch=1),
+               "baseline": kv.largest_fit(baseline.config, memory, bweights, dtype_bytes, batch=1) if baseline is not None else None},
+           "max_batch": [{"context": t, "model": kv.largest_fit(c, memory, weights, dtype_bytes, context=t),
+                          "baseline": kv.largest_fit(baseline.config, memory, bweights, dtype_bytes, context=t)
+                          if baseline is not None else None} for t in contexts]}
+    prompt = tokenizer("The key-value cache of a transformer holds", return_tensors="pt")["input_ids"]
+    measured = {"model": asdict(kv.measure_generate(model, prompt, cfg.generate_tokens))}
+    if baseline is not None:
+        measured["baseline"] = asdict(kv.measure_generate(baseline, prompt, cfg.generate_tokens))
+    return {"dtype": cfg.dtype, "dtype_bytes": dtype_bytes, "per_layer": per_layer,
+            "values_per_token": {"model": sum(mvals), "baseline": sum(bvals) if bvals else None},
+            "bytes_per_token": {"model": sum(mvals) * dtype_bytes, "baseline": sum(bvals) * dtype_bytes if bvals else None},
+            "table": table, "fit": fit, "measured": measured}
+
+
+def run_bench(cfg: BenchConfig, progress=None, command: str | None = None) -> dict:
+    """Run the requested sections; ``progress(stage: str)`` is called before each."""
+    cfg.validate()
+    say = progress or (lambda *_: None)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    baseline_name = cfg.baseline or default_baseline(cfg.model)
+    say("loading models")
+    model = load_model(cfg.model)
+    baseline = load_model(baseline_name) if baseline_name else None
+    tokenizer = load_tokenizer(cfg.model)
+    result: dict = {"schema": SCHEMA_VERSION, "model": cfg.model, "baseline": baseline_name,
+                    "command": command or " ".join(sys.argv), "machine": machine(), "config": asdict(cfg)}
+    if cfg.kv_report:
+        say("kv report")
+        result["kv_report"] = kv_report(cfg, model, baseline, tokenizer)
+    if cfg.fidelity:
+        if baseline is None:
+            raise UserError("fidelity needs a baseline: pass --baseline ORIGINAL_MODEL")
+        say("fidelity")
+        ids = data.token_windows(data.texts(cfg.text, tokenizer), tokenizer, cfg.eval_samples, cfg.eval_seq_len)
+        result["fidelity"] = {"text": cfg.text, **fid.compare(model, baseline, ids).as_dict()}
+    if cfg.speed:
+        if baseline is None:
+            raise UserError("speed comparison needs a baseline: pass --baseline ORIGINAL_MODEL")
+        result["speed"] = []
+        for context in kv.parse_tokens(cfg.speed_contexts):
+            say(f"speed at context {context}")
+            cmp = speed.compare_speed(model, baseline, context, cfg.speed_batch, cfg.decode_steps, cfg.decode_rounds)
+            result["speed"].append({"context": context, "batch": cfg.speed_batch, **cmp.as_dict()})
+    return result
+
+
+def plot(result: dict, path: str) -> None:
+    """Cache bytes vs context (both models) and decode tokens/s vs context, side by side."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise UserError("--plot needs matplotlib: pip install 'mla-retrofit[plot]'") from e
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    rep = result.get("kv_report")
+    if rep:
+        ctx = sorted({r["context"] for r in rep["table"]})
+        per = rep["bytes_per_token"]
+        axes[0].plot(ctx, [per["model"] * t / 2**30 for t in ctx], "o-", label="MLA (model)")
+        if per["baseline"]:
+            axes[0].plot(ctx, [per["baseline"] * t / 2**30 for t in ctx], "s--", label="GQA (baseline)")
+        axes[0].set(xscale="log", xlabel="context length (tokens)", ylabel=f"KV cache, GiB ({rep['dtype']}, batch 1)",
+                    title="KV cache vs context")
+        axes[0].legend()
+    sp = result.get("speed")
+    if sp:
+        ctx = [r["context"] for r in sp]
+        axes[1].plot(ctx, [r["model"]["decode_tok_s"] for r in sp], "o-", label="MLA (model)")
+        axes[1].plot(ctx, [r["baseline"]["decode_tok_s"] for r in sp], "s--", label="GQA (baseline)")
+        axes[1].set(xlabel="context length (tokens)", ylabel="decode tokens/s", title="Greedy decode speed")
+        axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

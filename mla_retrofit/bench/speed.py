@@ -1,0 +1,95 @@
+"""Prefill and greedy-decode speed of a model and its baseline, alternated in one run on the same hardware."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class SpeedPoint:
+    context: int
+    batch: int
+    prefill_tok_s: float
+    decode_tok_s: float  # new tokens per second (all sequences of the batch)
+    decode_ms_per_step: float
+
+
+@dataclass
+class SpeedComparison:
+    model: SpeedPoint
+    baseline: SpeedPoint
+
+    @property
+    def decode_ratio(self) -> float:
+        return self.model.decode_tok_s / self.baseline.decode_tok_s
+
+    @property
+    def prefill_ratio(self) -> float:
+        return self.model.prefill_tok_s / self.baseline.prefill_tok_s
+
+    def as_dict(self) -> dict:
+        return {"model": asdict(self.model), "baseline": asdict(self.baseline),
+                "decode_ratio": self.decode_ratio, "prefill_ratio": self.prefill_ratio}
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _prefill(model, ids: torch.Tensor):
+    device = ids.device
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model(ids, use_cache=True)
+    _sync(device)
+    return out.cache, out.logits[:, -1:].argmax(-1), time.perf_counter() - t0
+
+
+@torch.no_grad()
+def _decode(model, cache, token: torch.Tensor, steps: int) -> list[float]:
+    times = []
+    device = token.device
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(token, cache=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+@torch.no_grad()
+def compare_speed(
+    model, baseline, context: int, batch: int = 1, steps: int = 8, rounds: int = 3, vocab: int | None = None, seed: int = 0
+) -> SpeedComparison:
+    """Prefill ``context`` random tokens once per model, then ``rounds`` x ``steps`` greedy decode steps,
+    the two models alternating round by round; the first step of each round is a warm-up and not counted.
+    Decode speed is the median step time; the cache is cropped back to ``context`` between rounds."""
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    vocab = vocab or model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, context), generator=g).to(device)
+    _prefill(model, ids[:, :16]), _prefill(baseline, ids[:, :16])  # warm-up
+    state = {}
+    for name, m in (("model", model), ("baseline", baseline)):
+        cache, tok, secs = _prefill(m, ids)
+        state[name] = {"m": m, "cache": cache, "tok": tok, "prefill": secs, "steps": []}
+    for _ in range(rounds):
+        for name in ("model", "baseline"):
+            s = state[name]
+            times = _decode(s["m"], s["cache"], s["tok"], steps + 1)[1:]
+            s["steps"].extend(times)
+            s["cache"].crop(context)
+    points = {}
+    for name, s in state.items():
+        step = statistics.median(s["steps"])
+        points[name] = SpeedPoint(context=context, batch=batch, prefill_tok_s=batch * context / s["prefill"],
+                                  decode_tok_s=batch / step, decode_ms_per_step=step * 1000)
+    return SpeedComparison(model=points["model"], baseline=points["baseline"])

@@ -1,0 +1,131 @@
+"""What a heal run is asked to do: the typed config, its presets, and validation at the edge.
+
+Every field left ``None`` is filled by the preset (``cpu-demo``, ``gpu-7b``)
+and then by :data:`BASE`; :meth:`HealConfig.resolved` returns the filled copy
+that the recipe runs and writes next to its output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from ..data import SMOLTALK
+from ..errors import UserError
+
+PHASES = ("imitate", "mla-only", "full")  # the three healing phases, in order
+
+#: Defaults filled in when neither the user nor the preset sets a field.
+BASE: dict = dict(
+    steps=300, seq_len=1024, batch_size=4, grad_accum=4, lr=5e-5, full_lr_scale=0.2,
+    warmup_fraction=0.05, save_every=100,
+)
+
+#: ``cpu-demo``: SmolLM2-135M on a 2-core CPU in about 20 minutes (see the README of the heal module).
+#: ``gpu-7b``: a starting point for 7B models on one 8-GPU node (``accelerate launch``); not tuned.
+PRESETS: dict[str, dict] = {
+    "cpu-demo": dict(
+        steps=96, seq_len=256, batch_size=2, grad_accum=1, lr=1e-4, full_lr_scale=0.2,
+        warmup_fraction=0.1, save_every=24,
+    ),
+    "gpu-7b": dict(
+        tokens=200_000_000, seq_len=2048, batch_size=4, grad_accum=8, lr=5e-5, full_lr_scale=0.2,
+        warmup_fraction=0.03, save_every=200, gradient_checkpointing=True,
+    ),
+}
+
+#: Fields that may change between an interrupted run and its resumption.
+RESUME_FREE = ("resume", "overwrite", "dry_run", "save_every", "log_every", "keep_checkpoints", "engine", "cleanup")
+
+
+@dataclass
+class HealConfig:
+    model: str  # a converted MLA checkpoint directory
+    output: str
+    teacher: str | None = None  # None: conversion.json's source_model
+    data: str = SMOLTALK
+    tokens: int | None = None  # total budget over all phases (or ``steps``)
+    steps: int | None = None
+    split: tuple[float, float, float] = (0.25, 0.5, 0.25)
+    preset: str | None = None
+    seq_len: int | None = None
+    batch_size: int | None = None  # sequences per micro-batch per process
+    grad_accum: int | None = None
+    lr: float | None = None  # peak learning rate of phases 1 and 2
+    full_lr_scale: float | None = None  # phase 3 peak lr = lr * full_lr_scale
+    warmup_fraction: float | None = None
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    save_every: int | None = None  # checkpoint every N steps inside a phase (0: only at phase ends)
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    resume: bool = False
+    distill: float = 0.0  # phase 2: weight of KL(teacher || model) on the answer tokens
+    gradient_checkpointing: bool | None = None
+    dry_run: bool = False
+    seed: int = 0
+    overwrite: bool = False
+    engine: str = "auto"  # auto | accelerate | torch
+    cleanup: bool = True  # remove OUT/checkpoints once the healed model is written
+
+    def resolved(self) -> HealConfig:
+        """A copy with every ``None`` default filled from the preset, then :data:`BASE`."""
+        self.validate()
+        preset = PRESETS.get(self.preset or "", {})
+        values = {}
+        for name in ("seq_len", "batch_size", "grad_accum", "lr", "full_lr_scale", "warmup_fraction",
+                     "save_every", "gradient_checkpointing"):
+            if getattr(self, name) is None:
+                values[name] = preset.get(name, BASE.get(name, False))
+        if self.tokens is None and self.steps is None:
+            values["tokens"] = preset.get("tokens")
+            values["steps"] = preset.get("steps", BASE["steps"] if "tokens" not in preset else None)
+        out = replace(self, split=tuple(float(s) for s in self.split), **values)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise UserError(f"unknown preset '{self.preset}'; choose one of {', '.join(PRESETS)}")
+        if self.tokens is not None and self.steps is not None:
+            raise UserError("give either --tokens or --steps as the budget, not both")
+        _positive(self, ("tokens", "steps", "seq_len", "batch_size", "grad_accum", "lr", "keep_checkpoints",
+                         "log_every", "full_lr_scale"))
+        if self.seq_len is not None and self.seq_len < 8:
+            raise UserError(f"--seq-len must be at least 8, got {self.seq_len}")
+        _check_split(self.split)
+        if self.warmup_fraction is not None and not 0 <= self.warmup_fraction < 1:
+            raise UserError(f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.distill < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise UserError("--distill, --max-grad-norm and --weight-decay must be >= 0")
+        if self.save_every is not None and self.save_every < 0:
+            raise UserError(f"--save-every must be >= 0, got {self.save_every}")
+        if self.engine not in ("auto", "accelerate", "torch"):
+            raise UserError(f"engine must be auto, accelerate or torch, got '{self.engine}'")
+        if self.model.rstrip("/") == self.output.rstrip("/"):
+            raise UserError("the output directory must differ from the converted model directory")
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["split"] = list(self.split)
+        return d
+
+    def mismatches(self, saved: dict) -> list[str]:
+        """Fields (other than :data:`RESUME_FREE`) whose value differs from a saved resolved config."""
+        now = self.as_dict()
+        return [k for k in now if k not in RESUME_FREE and k in saved and saved[k] != now[k]]
+
+
+def _positive(cfg: HealConfig, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+
+
+def _check_split(split) -> None:
+    try:
+        parts = [float(s) for s in split]
+    except (TypeError, ValueError) as e:
+        raise UserError(f"--split must be 3 numbers like 0.25,0.5,0.25, got {split!r}") from e
+    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise UserError(f"--split must be 3 numbers >= 0 with a positive sum (one per phase), got {split!r}")

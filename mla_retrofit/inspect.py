@@ -1,0 +1,62 @@
+"""``inspect``: what a conversion would do, from ``config.json`` alone (no weights loaded)."""
+
+from __future__ import annotations
+
+from . import architectures
+from .bench.kv import DTYPE_BYTES
+from .convert.pipeline import ConvertConfig, resolve_budget
+from .errors import UserError
+from .sources import load_config
+
+
+def parameter_count(c) -> dict:
+    h = architectures.head_dim(c)
+    d, n_h, n_kv = c.hidden_size, c.num_attention_heads, c.num_key_value_heads
+    attn = 2 * d * n_h * h + 2 * d * n_kv * h
+    mlp = 3 * d * c.intermediate_size
+    layer = attn + mlp + 2 * d
+    embed = c.vocab_size * d
+    head = 0 if getattr(c, "tie_word_embeddings", False) else embed
+    return {"total": embed + head + c.num_hidden_layers * layer + d, "per_layer": layer, "embedding": embed}
+
+
+def plan(model: str, kv_ratio=0.5, kv_dim=None, rank=None, rope_dim=None, dtype="bf16",
+         calib_samples=64, calib_seq_len=512) -> dict:
+    if dtype.lower() not in DTYPE_BYTES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}")
+    c = load_config(model)
+    spec = architectures.spec_for(c)
+    h = architectures.head_dim(c)
+    cfg = ConvertConfig(model=model, output="-", kv_ratio=kv_ratio, kv_dim=kv_dim, rank=rank, rope_dim=rope_dim)
+    cfg.validate()
+    budget = resolve_budget(cfg, c.num_key_value_heads, h)
+    nb = DTYPE_BYTES[dtype.lower()]
+    L = c.num_hidden_layers
+    params = parameter_count(c)
+    act = calib_samples * calib_seq_len * c.hidden_size * 4
+    convert_peak = 2 * params["embedding"] * 4 + params["per_layer"] * 4 * 2 + 2 * act
+    heal_bytes = params["total"] * (2 + 2 + 12) + params["total"] * 2  # bf16 weights+grads, fp32 Adam+master, teacher
+    return {
+        "architecture": f"{c.model_type} ({spec.notes})",
+        "supported": True,
+        "layers": L,
+        "query_heads": c.num_attention_heads,
+        "kv_heads": c.num_key_value_heads,
+        "head_dim": h,
+        "parameters": params["total"],
+        "kv_values_per_token_now": L * budget.full,
+        "kv_values_per_token_after": L * budget.per_layer,
+        "kv_ratio": budget.per_layer / budget.full,
+        f"kv_bytes_per_token_now_{dtype}": L * budget.full * nb,
+        f"kv_bytes_per_token_after_{dtype}": L * budget.per_layer * nb,
+        "rank_plan": {
+            "rope_dim": budget.rope_dim,
+            "latent_rank_per_layer": budget.uniform_rank or budget.latent_total_per_layer,
+            "allocation": "uniform" if rank is not None else "adaptive (decided from calibration; mean shown)",
+        },
+        "convert_memory_estimate_gb": round(convert_peak / 1e9, 2),
+        "heal_memory_estimate_gb": round(heal_bytes / 1e9, 1),
+        "memory_notes": "convert: one layer (fp32) + embeddings + calibration activations; "
+                        "heal: bf16 weights and grads, fp32 master weights and AdamW states, bf16 teacher, "
+                        "activations extra (use --gradient-checkpointing)",
+    }

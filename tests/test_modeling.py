@@ -1,0 +1,160 @@
+"""The MLA runtime: lossless construction, cached decode, absorbed attention, cache bytes, save/load."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mla_retrofit.bench.kv import analytic_bytes, measure_generate, measured_bytes
+from tiny import FAMILIES
+
+
+def _load(path):
+    return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True).eval()
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lossless_construction_reproduces_logits(family, tiny_src, converted):
+    orig = AutoModelForCausalLM.from_pretrained(str(tiny_src(family))).eval()
+    mla = _load(converted(family, 1.0))
+    assert mla.config.kv_lora_ranks == [32, 32] and all(len(f) == 16 for f in mla.config.rope_freq_idx)
+    ids = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert _rel(mla(ids).logits, orig(ids).logits) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_cached_greedy_decode_equals_full_forward(family, converted):
+    mla = _load(converted(family, 0.5))
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        gen = mla.generate(ids, max_new_tokens=16, do_sample=False, use_cache=True)
+        full = mla(gen, use_cache=False).logits
+        # Token by token with the cache: every step's logits equal the full forward's at that position.
+        out = mla(ids, use_cache=True)
+        cache, steps = out.cache, [out.logits[:, -1]]
+        for t in range(ids.shape[1], gen.shape[1] - 1):
+            out = mla(gen[:, t : t + 1], cache=cache, use_cache=True)
+            steps.append(out.logits[:, -1])
+    assert _rel(torch.stack(steps, 1), full[:, ids.shape[1] - 1 : -1]) <= 1e-5
+    assert torch.equal(gen[:, ids.shape[1]:], full[:, ids.shape[1] - 1 : -1].argmax(-1))
+
+
+def _set_mode(model, mode):
+    for layer in model.model.layers:
+        layer.self_attn.attn_mode = mode
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_absorbed_equals_expanded(family, converted):
+    mla = _load(converted(family, 0.5))
+    ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(3))
+    results = {}
+    with torch.no_grad():
+        for mode in ("expanded", "absorbed"):
+            _set_mode(mla, mode)
+            prefill = mla(ids[:, :15], use_cache=True)  # with a cache: absorbed runs its own causal mask
+            step = mla(ids[:, 15:], cache=prefill.cache, use_cache=True)
+            results[mode] = (prefill.logits, step.logits)
+    _set_mode(mla, "auto")
+    assert _rel(results["absorbed"][0], results["expanded"][0]) <= 1e-5
+    assert _rel(results["absorbed"][1], results["expanded"][1]) <= 1e-5
+
+
+def test_cache_holds_exactly_the_latent(converted):
+    mla = _load(converted("llama", 0.5, layers=3, rank_allocation="adaptive"))
+    per_layer = [r + 2 * len(f) for r, f in zip(mla.config.kv_lora_ranks, mla.config.rope_freq_idx)]
+    ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(4))
+    m = measure_generate(mla, ids, new_tokens=7)
+    n_cached = 10 + 7 - 1  # the last generated token is never fed back
+    assert m.cached_tokens == n_cached
+    assert m.measured_bytes == m.analytic_bytes == 2 * n_cached * sum(per_layer) * 4
+
+
+def test_gqa_cache_bytes_match_analytic(tiny_src):
+    orig = AutoModelForCausalLM.from_pretrained(str(tiny_src("qwen2"))).eval()
+    ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(5))
+    m = measure_generate(orig, ids, new_tokens=5)
+    assert m.measured_bytes == m.analytic_bytes == 13 * 2 * (2 * 2 * 16) * 4
+
+
+def test_per_layer_ranks_and_freqs_cache_bytes():
+    from mla_retrofit.modeling.configuration_mla import MLARetrofitConfig
+    from mla_retrofit.modeling.modeling_mla import MLARetrofitForCausalLM
+
+    cfg = MLARetrofitConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                            num_attention_heads=4, kv_groups=2, head_dim=8, kv_lora_ranks=[3, 7, 5],
+                            rope_freq_idx=[[0], [1, 2, 3], []], pad_token_id=0)
+    torch.manual_seed(0)
+    model = MLARetrofitForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (3, 6))
+    m = measure_generate(model, ids, new_tokens=4)
+    assert m.measured_bytes == 3 * 9 * (5 + 13 + 5) * 4 == analytic_bytes(cfg, 9, 3, 4)
+
+
+def test_left_padded_batch_matches_single_sequences(converted):
+    from tiny import tiny_tokenizer
+
+    mla = _load(converted("mistral", 0.5))
+    tok = tiny_tokenizer()
+    tok.padding_side = "left"
+    prompts = ["def parse(self, text):", "The cache holds the latent only"]
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = mla.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        for i, p in enumerate(prompts):
+            single = tok(p, return_tensors="pt")
+            one = mla.generate(**single, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+            assert torch.equal(out[i, -8:], one[0, -8:])
+
+
+def test_static_cache_generate_matches_dynamic(converted):
+    mla = _load(converted("llama", 0.5))
+    ids = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        dyn = mla.generate(ids, max_new_tokens=10, do_sample=False)
+        sta = mla.generate(ids, max_new_tokens=10, do_sample=False, cache_implementation="static")
+    assert torch.equal(dyn, sta)
+
+
+def test_save_load_fresh_process_without_project(converted, tmp_path):
+    """Loads with trust_remote_code in a new interpreter where importing mla_retrofit fails."""
+    path = converted("qwen3", 0.5)
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(7))
+    torch.save(ids, tmp_path / "ids.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.modules["mla_retrofit"] = None  # the checkpoint must not need the project
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(path)!r}, trust_remote_code=True).eval()
+        assert "mla_retrofit" not in type(m).__module__.split(".")[0]
+        with torch.no_grad():
+            logits = m(torch.load({str(tmp_path / 'ids.pt')!r})).logits
+        torch.save({{"logits": logits, "state": {{k: v.clone() for k, v in m.state_dict().items()}}}}, {str(tmp_path / 'out.pt')!r})
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, check=True, timeout=300)
+    got = torch.load(tmp_path / "out.pt")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path / "model.safetensors"))
+    for k, v in saved.items():
+        assert torch.equal(got["state"][k], v), k
+    mla = _load(path)
+    with torch.no_grad():
+        assert torch.equal(mla(ids).logits, got["logits"])
+
+
+def test_conversion_record_names_source(converted, tiny_src):
+    rec = json.loads((converted("llama", 0.5) / "conversion.json").read_text())
+    assert rec["source_model"] == str(tiny_src("llama"))
+    assert len(rec["layers"]) == 2 and rec["kv_values_per_token"]["ratio"] == 0.5
