@@ -48,7 +48,7 @@ def main(
 
 
 def fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -65,7 +65,7 @@ def user_errors():
 
 def info(msg: str) -> None:
     if VERBOSITY["level"] >= 1:
-        console.print(msg, highlight=False)
+        console.print(msg, highlight=False, soft_wrap=True)
 
 
 def progress_bar():
@@ -141,8 +141,11 @@ def convert(
         values = {f.name: local[f.name] for f in fields(ConvertConfig) if f.name in local and f.name != "model"}
         values = merge_config_file(ctx, config, values)
         cfg = ConvertConfig(model=model, output=str(out), **values)
-        info(f"converting [bold]{model}[/] -> {out}")
+        cfg.validate()
         t0 = time.time()
+        with err_console.status(f"loading {model}"):
+            conv = Converter(cfg)
+        info(f"converting [bold]{model}[/] -> {out}")
         with progress_bar() as bar:
             tasks = {}
 
@@ -151,8 +154,8 @@ def convert(
                     tasks[stage] = bar.add_task(stage, total=n, extra="")
                 bar.update(tasks[stage], completed=i)
 
-            bar.add_task("loading", total=None, extra=model)
-            result = Converter(cfg, progress).run()
+            conv.progress = progress
+            result = conv.run()
         state.record("convert", str(out), source=model)
         summary = {"output": str(out), "kv_ratio": result.kv_ratio, "kv_values_per_token": result.kv_converted,
                    "kv_values_per_token_original": result.kv_original, "seconds": round(time.time() - t0, 1),

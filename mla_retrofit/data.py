@@ -116,6 +116,15 @@ def read_records(spec: str, split: str = "train", config: str | None = None) -> 
 
 
 def _hub_records(dataset_id: str, split: str, config: str | None) -> list[dict]:
+    from .sources import hub_reachable
+
+    if "/" not in dataset_id:
+        raise UserError(f"'{dataset_id}' is neither a local file nor a Hub dataset id (owner/name)")
+    if not hub_reachable():
+        raise UserError(
+            f"cannot reach the Hugging Face Hub to load dataset '{dataset_id}' (offline?); "
+            "pass a local .jsonl/.parquet/.txt file, or 'builtin-chat' / 'builtin'"
+        )
     try:
         import datasets
 

@@ -126,7 +126,27 @@ class Source:
         return load_model(self.name, dtype=dtype)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """False when offline mode is set or the Hub's host cannot be resolved/reached (checked quickly, no retries)."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    host, _, port = endpoint.partition(":")
+    try:
+        with socket.create_connection((host, int(port or 443)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _hub_download(repo_id: str) -> Path:
+    if not hub_reachable():
+        raise UserError(
+            f"cannot reach the Hugging Face Hub to fetch '{repo_id}' (offline?); "
+            "pass a local model directory or .gguf file, or 'smollm2-135m-instruct'"
+        )
     try:
         from huggingface_hub import snapshot_download
 
@@ -234,7 +254,7 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     directory, gguf = _locate(name)
-    kwargs = {"gguf_file": gguf} if gguf else {}
+    kwargs = {"gguf_file": gguf} if gguf else {"trust_remote_code": _is_mla_dir(directory)}
     try:
         return AutoTokenizer.from_pretrained(str(directory), **kwargs)
     except Exception as e:

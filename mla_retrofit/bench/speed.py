@@ -86,7 +86,7 @@ def compare_speed(
             s = state[name]
             times = _decode(s["m"], s["cache"], s["tok"], steps + 1)[1:]
             s["steps"].extend(times)
-            s["cache"].crop(context)
+            s["cache"].crop(context - s["cache"].get_seq_length())  # negative: drop the decoded tokens
     points = {}
     for name, s in state.items():
         step = statistics.median(s["steps"])

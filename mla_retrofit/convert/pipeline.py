@@ -88,14 +88,14 @@ def resolve_budget(cfg: ConvertConfig, n_kv: int, head_dim: int) -> Budget:
     if cfg.rank is not None:
         rope_dim = cfg.rope_dim if cfg.rope_dim is not None else min(64, head_dim)
         per_layer = cfg.rank + rope_dim
-    elif cfg.kv_dim is not None:
-        per_layer = cfg.kv_dim
-        rope_dim = cfg.rope_dim if cfg.rope_dim is not None else (max_rope if per_layer >= full else min(64, head_dim))
     else:
-        per_layer = int(round(cfg.kv_ratio * full))
-        rope_dim = cfg.rope_dim if cfg.rope_dim is not None else (max_rope if per_layer >= full else min(64, head_dim))
+        per_layer = cfg.kv_dim if cfg.kv_dim is not None else int(round(cfg.kv_ratio * full))
+        rope_dim = cfg.rope_dim if cfg.rope_dim is not None else default_rope_dim(per_layer, full, head_dim, max_rope)
     if rope_dim > max_rope:
         raise UserError(f"--rope-dim {rope_dim} exceeds the model's {max_rope} key dims per layer (n_kv * head_dim)")
+    r_max = full - rope_dim
+    if cfg.rank is not None and cfg.rank > r_max:
+        raise UserError(f"--rank {cfg.rank} is above the maximum useful rank {r_max} for --rope-dim {rope_dim}")
     if per_layer > full:
         raise UserError(f"budget of {per_layer} cache values per layer exceeds the original {full}; nothing to save")
     if per_layer <= rope_dim:
@@ -103,10 +103,14 @@ def resolve_budget(cfg: ConvertConfig, n_kv: int, head_dim: int) -> Budget:
             f"budget of {per_layer} cache values per layer leaves no room for a latent beside {rope_dim} RoPE dims; "
             "raise --kv-ratio/--kv-dim or lower --rope-dim"
         )
-    r_max = full - rope_dim
-    if cfg.rank is not None and cfg.rank > r_max:
-        raise UserError(f"--rank {cfg.rank} is above the maximum useful rank {r_max} for --rope-dim {rope_dim}")
     return Budget(per_layer=per_layer, rope_dim=rope_dim, full=full, uniform_rank=cfg.rank)
+
+
+def default_rope_dim(per_layer: int, full: int, head_dim: int, max_rope: int) -> int:
+    """All key dims at full budget (the exact construction); else min(64, head_dim), at most half the budget."""
+    if per_layer >= full:
+        return max_rope
+    return max(0, min(64, head_dim, 2 * (per_layer // 4)))
 
 
 @dataclass

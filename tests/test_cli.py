@@ -1,0 +1,98 @@
+"""The real CLI, run in-process: chained runs, JSON output, exit codes, config files."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from mla_retrofit_cli.main import app
+
+runner = CliRunner()
+FAST = ["--calib-samples", "4", "--calib-seq-len", "64"]
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_convert_then_bare_bench_picks_up_the_run(tiny_src, workdir):
+    src = str(tiny_src("qwen2"))
+    r = runner.invoke(app, ["-q", "convert", src, "out", "--kv-ratio", "0.5", *FAST])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["bench", "--kv-report", "--json", "bench.json", "--context", "1k,2k", "--batch", "1,4"])
+    assert r.exit_code == 0, r.output
+    assert "using the last run's output" in r.output and "equal" in r.output
+    doc = json.loads((workdir / "bench.json").read_text())
+    assert doc["schema"] == 1 and doc["baseline"] == src
+    rep = doc["kv_report"]
+    assert set(rep) >= {"dtype", "per_layer", "values_per_token", "bytes_per_token", "table", "fit", "measured"}
+    assert rep["values_per_token"] == {"model": 64, "baseline": 128}
+    assert [(t["context"], t["batch"]) for t in rep["table"]] == [(1024, 1), (1024, 4), (2048, 1), (2048, 4)]
+    for g in rep["measured"].values():
+        assert g["measured_bytes"] == g["analytic_bytes"] > 0
+    assert "fidelity" not in doc and "speed" not in doc
+
+
+def test_bench_fidelity_of_model_against_itself(tiny_src, workdir):
+    src = str(tiny_src("llama"))
+    r = runner.invoke(app, ["bench", src, "--baseline", src, "--fidelity", "--json", "f.json", "--eval-samples", "2",
+                            "--eval-seq-len", "64"])
+    assert r.exit_code == 0, r.output
+    fid = json.loads((workdir / "f.json").read_text())["fidelity"]
+    assert abs(fid["kl"]) < 1e-6 and fid["top1_agreement"] == 1.0 and abs(fid["ppl_ratio"] - 1) < 1e-6
+
+
+def test_bench_speed_runs_and_reports_ratios(converted, workdir):
+    r = runner.invoke(app, ["bench", str(converted("llama", 0.5)), "--speed", "--speed-context", "64",
+                            "--decode-steps", "2", "--json", "s.json"])
+    assert r.exit_code == 0, r.output
+    sp = json.loads((workdir / "s.json").read_text())["speed"][0]
+    assert sp["context"] == 64 and sp["model"]["decode_tok_s"] > 0 and sp["decode_ratio"] > 0
+
+
+def test_user_errors_are_one_line_exit_1(tiny_src, workdir):
+    r = runner.invoke(app, ["convert", str(tiny_src("llama")), "out", "--kv-ratio", "2"])
+    assert r.exit_code == 1
+    lines = [l for l in r.output.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--kv-ratio" in lines[0]
+    assert "Traceback" not in r.output
+
+
+def test_usage_errors_exit_2(workdir):
+    r = runner.invoke(app, ["convert"])
+    assert r.exit_code == 2
+
+
+def test_bare_commands_without_a_previous_run_say_what_to_do(workdir):
+    for cmd in (["heal"], ["bench", "--kv-report"]):
+        r = runner.invoke(app, cmd)
+        assert r.exit_code == 1 and "mla-retrofit convert" in r.output
+
+
+def test_config_file_sets_options_and_flags_win(tiny_src, workdir):
+    (workdir / "c.yaml").write_text("kv_ratio: 0.25\ncalib_samples: 4\ncalib_seq_len: 64\nmethod: rorope-pca\n")
+    r = runner.invoke(app, ["-q", "convert", str(tiny_src("llama")), "out", "--config", "c.yaml", "--method", "mla",
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads((workdir / "out" / "conversion.json").read_text())
+    assert rec["config"]["kv_ratio"] == 0.25 and rec["config"]["method"] == "mla"
+    (workdir / "bad.yaml").write_text("kv_ratoi: 0.5\n")
+    r = runner.invoke(app, ["convert", str(tiny_src("llama")), "out2", "--config", "bad.yaml"])
+    assert r.exit_code == 1 and "unknown key 'kv_ratoi'" in r.output
+
+
+def test_inspect_reads_config_only(tiny_src, workdir):
+    r = runner.invoke(app, ["inspect", str(tiny_src("qwen3")), "--kv-ratio", "0.5", "--json"])
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.output)
+    assert p["kv_values_per_token_now"] == 2 * 64 and p["kv_values_per_token_after"] == 64
+    assert p["architecture"].startswith("qwen3")
+
+
+def test_version_and_help(workdir):
+    assert runner.invoke(app, ["--version"]).output.startswith("mla-retrofit ")
+    for cmd in ("convert", "heal", "bench", "inspect"):
+        r = runner.invoke(app, [cmd, "--help"])
+        assert r.exit_code == 0 and "Examples" in r.output

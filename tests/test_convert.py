@@ -1,0 +1,177 @@
+"""Conversion maths on small matrices, and conversion properties on tiny models."""
+
+import math
+
+import pytest
+import torch
+
+from mla_retrofit.convert import allocate, factorize, rope
+from mla_retrofit.convert.calibrate import LayerStats, accumulate, rope_rotate
+from mla_retrofit.convert.pipeline import ConvertConfig, Converter, convert
+from mla_retrofit.errors import UserError
+from tiny import FAMILIES
+
+
+def _rotation(x, pos, inv_freq):
+    ang = pos[:, None] * inv_freq[None]
+    emb = torch.cat([ang, ang], -1)
+    return rope_rotate(x, emb.cos(), emb.sin())
+
+
+def test_frequency_mixing_commutes_with_rope():
+    torch.manual_seed(0)
+    n_kv, h, T = 3, 8, 11
+    keys = torch.randn(T, n_kv, h, dtype=torch.float64)
+    m2 = torch.einsum("tjd,tke->jdke", keys, keys).reshape(n_kv * h, n_kv * h)
+    mix = rope.frequency_mixing(m2, n_kv, h)
+    q = rope.mixing_matrix(mix, h)
+    assert torch.allclose(q @ q.T, torch.eye(n_kv * h, dtype=torch.float64), atol=1e-12)
+    inv_freq = 1.0 / 100 ** (torch.arange(h // 2, dtype=torch.float64) / (h // 2))
+    pos = torch.arange(T, dtype=torch.float64)
+    # rotate each head's key at its position, then mix; versus mix, then rotate each mixed component
+    rotated = torch.stack([_rotation(keys[:, j], pos, inv_freq) for j in range(n_kv)], 1)
+    a = rotated.reshape(T, -1) @ q.T
+    mixed = (keys.reshape(T, -1) @ q.T).view(T, n_kv, h)
+    b = torch.stack([_rotation(mixed[:, p], pos, inv_freq) for p in range(n_kv)], 1).reshape(T, -1)
+    assert torch.allclose(a, b, atol=1e-10)
+    assert not torch.allclose(rope.identity_mixing(n_kv, h), mix)  # the mix is a real (non-trivial) rotation
+
+
+def test_query_maps_reproduce_scores_with_all_pairs():
+    torch.manual_seed(1)
+    n_kv, h = 2, 8
+    mix = torch.linalg.qr(torch.randn(h // 2, n_kv, n_kv, dtype=torch.float64))[0]
+    pairs = rope.all_pairs(n_kv, h)
+    qm = rope.mixing_matrix(mix, h)
+    kappa = qm[rope.pair_rows(pairs, h)]  # k_R = kappa @ u_k
+    maps = rope.query_maps(mix, pairs, h)
+    u_k, qv = torch.randn(n_kv * h, dtype=torch.float64), torch.randn(h, dtype=torch.float64)
+    for g in range(n_kv):
+        assert torch.allclose((maps[g] @ qv) @ (kappa @ u_k), qv @ u_k[g * h : (g + 1) * h], atol=1e-12)
+
+
+def test_drop_rotation_cost_matches_brute_force():
+    torch.manual_seed(0)
+    H, P, T, h = 4, 2, 12, 8
+    q, k = torch.randn(H, T, h), torch.randn(P, T, h)
+    attn = torch.rand(H, T, T).tril()
+    attn = attn / attn.sum(-1, keepdim=True)
+    mix = torch.linalg.qr(torch.randn(h // 2, P, P))[0]
+    inv = 1 / (100 ** (torch.arange(h // 2) / (h // 2)))
+    grp = torch.tensor([0, 0, 1, 1])
+    got = rope.drop_rotation_cost(q, k, attn, mix, inv, grp)
+    ref = torch.zeros(P, h // 2, dtype=torch.float64)
+    for p in range(P):
+        for t in range(h // 2):
+            for i in range(H):
+                for m in range(T):
+                    for n in range(T):
+                        ph = float((n - m) * inv[t])
+                        rot = torch.tensor([[math.cos(ph), -math.sin(ph)], [math.sin(ph), math.cos(ph)]])
+                        qq, kk = q[i, m, [t, t + h // 2]], k[p, n, [t, t + h // 2]]
+                        delta = mix[t, p, grp[i]] * (qq @ rot @ kk - qq @ kk)
+                        ref[p, t] += attn[i, m, n] * delta**2
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_weighted_pca_is_exact_at_full_rank_and_beats_plain_pca_in_its_metric():
+    torch.manual_seed(2)
+    n = 6
+    a = torch.randn(200, n, dtype=torch.float64) @ torch.randn(n, n, dtype=torch.float64)
+    cov = torch.cov(a.T)
+    g = torch.diag(torch.tensor([10.0, 1, 1, 0.1, 0.1, 5], dtype=torch.float64))
+    full = factorize.activation_pca(cov, a.mean(0), n, g)
+    assert torch.allclose(full.up @ full.down, torch.eye(n, dtype=torch.float64), atol=1e-9)
+
+    def err(f):
+        r = torch.eye(n, dtype=torch.float64) - f.up @ f.down
+        return float(torch.trace(g @ r @ cov @ r.T))
+
+    assert err(factorize.activation_pca(cov, a.mean(0), 2, g)) < err(factorize.activation_pca(cov, a.mean(0), 2, None))
+
+
+def test_adaptive_allocation_spends_exactly_the_budget():
+    torch.manual_seed(3)
+    spectra = [torch.sort(torch.rand(40, dtype=torch.float64) ** k, descending=True)[0] for k in (1, 3, 8, 0.5)]
+    ranks = allocate.adaptive_ranks(spectra, 70, [5] * 4, [40] * 4)
+    assert sum(ranks) == 70 and all(5 <= r <= 40 for r in ranks) and len(set(ranks)) > 1
+    with pytest.raises(UserError):
+        allocate.adaptive_ranks(spectra, 10, [5] * 4, [40] * 4)
+
+
+def test_statistics_do_not_depend_on_batch_size(tiny_src):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_src("qwen2")), attn_implementation="sdpa").eval()
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(6, 20, 64)
+    cos, sin = model.model.rotary_emb(x, torch.arange(20).unsqueeze(0))
+    results = []
+    with torch.no_grad():
+        for bs in (1, 4, 6):
+            s = LayerStats(2, 16)
+            for i in range(0, 6, bs):
+                xb = x[i : i + bs]
+                accumulate(s, attn, xb, cos.expand(len(xb), -1, -1), sin.expand(len(xb), -1, -1), 4, 2, 16)
+            results.append(s)
+    for s in results[1:]:
+        assert s.n_tokens == results[0].n_tokens == 120
+        assert torch.allclose(s.cov(), results[0].cov(), rtol=1e-9, atol=1e-12)
+        assert torch.allclose(s.query_m2(), results[0].query_m2(), rtol=1e-9, atol=1e-12)
+
+
+def test_ratio_one_equals_lossless_oracle(converted):
+    from mla_retrofit.sources import load_model
+
+    a = load_model(str(converted("llama3", 1.0)))
+    b = load_model(str(converted("llama3", 1.0, method="rorope-pca")))  # every method is exact at full rank
+    ids = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        la, lb = a(ids).logits, b(ids).logits
+    assert float((la - lb).abs().max() / la.abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_converts_and_generates(family, converted):
+    from mla_retrofit.sources import load_model
+
+    path = converted(family, 0.5)
+    m = load_model(str(path))
+    vals = sum(r + 2 * len(f) for r, f in zip(m.config.kv_lora_ranks, m.config.rope_freq_idx))
+    assert vals == 2 * 32  # exactly half of 2 layers x 2 * n_kv * h (= 64 each)
+    out = m.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 8)
+
+
+def test_default_method_beats_baselines_on_attention_error(tiny_src, tmp_path):
+    errs = {}
+    for method in ("mla", "rorope-pca", "weight-svd"):
+        cfg = ConvertConfig(model=str(tiny_src("qwen2")), output=str(tmp_path / method), kv_ratio=0.5, method=method,
+                            calib_samples=8, calib_seq_len=96, eval_samples=2, eval_seq_len=64)
+        res = convert(cfg)
+        errs[method] = sum(r.attn_error for r in res.layers)
+    assert errs["mla"] < errs["rorope-pca"] and errs["mla"] < errs["weight-svd"], errs
+
+
+def test_propagate_converted_runs_and_is_recorded(converted):
+    import json
+
+    rec = json.loads((converted("llama", 0.5, propagate="converted") / "conversion.json").read_text())
+    assert rec["config"]["propagate"] == "converted"
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"kv_ratio": 0.0}, "--kv-ratio must be in (0, 1]"),
+        ({"kv_ratio": 1.5}, "--kv-ratio must be in (0, 1]"),
+        ({"kv_dim": 16, "rope_dim": 16}, "leaves no room for a latent"),
+        ({"rank": 200, "rope_dim": 8}, "above the maximum useful rank"),
+        ({"rope_dim": 40}, "exceeds the model's 32 key dims"),
+        ({"method": "magic"}, "unknown method"),
+    ],
+)
+def test_impossible_budgets_are_clear_errors(kw, message, tiny_src, tmp_path):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        Converter(ConvertConfig(model=str(tiny_src("llama")), output=str(tmp_path / "o"), **kw))
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,136 @@
+"""Bad input gets one clear line and leaves nothing half-written."""
+
+import json
+
+import pytest
+import torch
+
+from mla_retrofit import checkpoint, data
+from mla_retrofit.convert.pipeline import ConvertConfig, Converter, convert
+from mla_retrofit.errors import UserError
+from tiny import tiny_tokenizer
+
+FAST = dict(calib_samples=4, calib_seq_len=64, eval_samples=1, eval_seq_len=32)
+
+
+def _cfg(src, out, **kw):
+    return ConvertConfig(model=str(src), output=str(out), kv_ratio=0.5, **{**FAST, **kw})
+
+
+def _leftovers(parent):
+    return [p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_unsupported_architecture_names_supported_ones(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(UserError, match=r"unsupported architecture 'gpt2'; supported: llama, qwen2, qwen3, mistral"):
+        Converter(_cfg(tmp_path / "gpt2", tmp_path / "o"))
+
+
+def test_already_mla_is_refused(converted, tmp_path):
+    with pytest.raises(UserError, match="already an MLA retrofit"):
+        Converter(_cfg(converted("llama", 0.5), tmp_path / "o"))
+
+
+def test_mha_source_converts(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, head_dim=16, pad_token_id=0, eos_token_id=0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "mha")
+    tiny_tokenizer().save_pretrained(tmp_path / "mha")
+    res = convert(_cfg(tmp_path / "mha", tmp_path / "o"))
+    assert res.kv_converted == 32 and res.kv_original == 64
+
+
+def test_missing_and_truncated_shards(tiny_src, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_src("llama")))
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    tiny_tokenizer().save_pretrained(tmp_path / "sharded")
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 2
+    shards[1].rename(tmp_path / "away.safetensors")
+    with pytest.raises(UserError, match=r"shard\(s\) missing .*re-download"):
+        Converter(_cfg(tmp_path / "sharded", tmp_path / "o"))
+    (tmp_path / "away.safetensors").rename(shards[1])
+    blob = shards[1].read_bytes()
+    shards[1].write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        convert(_cfg(tmp_path / "sharded", tmp_path / "o"))
+    assert not (tmp_path / "o").exists() and not _leftovers(tmp_path)
+
+
+def test_existing_output_needs_overwrite(tiny_src, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="already exists .* --overwrite"):
+        convert(_cfg(tiny_src("llama"), out))
+    assert (out / "keep.txt").read_text() == "mine"
+    convert(_cfg(tiny_src("llama"), out, overwrite=True))
+    assert (out / "conversion.json").is_file() and not (out / "keep.txt").exists()
+
+
+def test_killed_mid_write_leaves_no_output_and_retry_works(tiny_src, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    real_close = checkpoint.ShardWriter.close
+
+    def crash(self):
+        self.flush()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.ShardWriter, "close", crash)
+    with pytest.raises(OSError):
+        convert(_cfg(tiny_src("llama"), out))
+    assert not out.exists() and not _leftovers(tmp_path)
+    monkeypatch.setattr(checkpoint.ShardWriter, "close", real_close)
+    convert(_cfg(tiny_src("llama"), out))
+    assert json.loads((out / "conversion.json").read_text())["source_model"] == str(tiny_src("llama"))
+
+
+def test_stale_temp_dir_from_a_killed_run_is_cleaned(tiny_src, tmp_path):
+    stale = tmp_path / ".o.tmp-deadbeef"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    convert(_cfg(tiny_src("llama"), tmp_path / "o"))
+    assert not stale.exists() and (tmp_path / "o" / "conversion.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "content, suffix, message",
+    [
+        ("", ".jsonl", "is empty"),
+        ('{"prompt": "hi"}\n', ".jsonl", "expected a 'text' column or a 'messages' column"),
+        ('{"messages": "hello"}\n', ".jsonl", "list of {role, content}"),
+        ("short", ".txt", "fewer than one window"),
+        ("{not json", ".jsonl", "not valid JSON"),
+    ],
+)
+def test_bad_calibration_data(content, suffix, message, tiny_src, tmp_path):
+    f = tmp_path / f"calib{suffix}"
+    f.write_text(content)
+    with pytest.raises(UserError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        convert(_cfg(tiny_src("llama"), tmp_path / "o", calib=str(f)))
+    assert not (tmp_path / "o").exists()
+
+
+def test_unreachable_dataset_says_offline_and_suggests_local(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="offline.*local .jsonl"):
+        data.texts("HuggingFaceTB/smoltalk")
+
+
+def test_unreachable_model_says_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="cannot reach the Hugging Face Hub"):
+        Converter(_cfg("someone/some-model", tmp_path / "o"))
+
+
+def test_missing_local_model(tmp_path):
+    with pytest.raises(UserError, match="not found|does not exist"):
+        Converter(_cfg(tmp_path / "nothing-here.gguf", tmp_path / "o"))
