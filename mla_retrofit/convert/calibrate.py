@@ -25,6 +25,11 @@ class LayerStats:
     q_m2: torch.Tensor | None = None  # [n_kv, h, h], summed over the heads of each group
     samples: list = field(default_factory=list)  # (q [H,T,h], k [n_kv,T,h], attn [H,T,T])
     x_eval: list = field(default_factory=list)  # attention inputs [T, d] of the sampled sequences
+    # Attention-averaged u (u~_i,m = sum_n a_imn u_n) per KV group: what the values reach the output as.
+    att_sum: torch.Tensor | None = None  # [n_kv, 2n]
+    att_m2: torch.Tensor | None = None  # [n_kv, 2n, 2n]
+    att_count: int = 0  # (query, head) pairs per group
+    att_seqs: int = 0
 
     def mean(self) -> torch.Tensor:
         return self.u_sum / self.n_tokens
@@ -42,6 +47,14 @@ class LayerStats:
 
     def query_m2(self) -> torch.Tensor:
         return self.q_m2 / self.n_tokens
+
+    def attended_cov(self) -> torch.Tensor | None:
+        """``E[(u~ - mu)(u~ - mu)^T]`` per group, centred on the token mean ``mu`` (``[n_kv, 2n, 2n]``)."""
+        if self.att_m2 is None or self.att_count == 0:
+            return None
+        mu, m1 = self.mean(), self.att_sum / self.att_count
+        m2 = self.att_m2 / self.att_count
+        return m2 - mu[:, None] * m1[:, None, :] - m1[:, :, None] * mu + torch.outer(mu, mu)
 
 
 def attention_projections(attn, x: torch.Tensor, n_heads: int, n_kv: int, head_dim: int):
@@ -71,6 +84,8 @@ def accumulate(
     max_samples: int,
     sample_len: int,
     sliding_window: int | None = None,
+    max_att_seqs: int = 0,
+    att_stride: int = 4,
 ) -> None:
     """Add one batch of attention inputs ``x`` (``[B, T, d]``) to ``stats``."""
     n_kv, h = stats.n_kv, stats.head_dim
@@ -86,18 +101,38 @@ def accumulate(
     stats.u_m2 += u.T @ u
     stats.q_m2 += torch.einsum("ngid,ngie->gde", qd, qd)
     stats.n_tokens += b * t
+    group = n_heads // n_kv
+    for i in range(b):
+        if stats.att_seqs >= max_att_seqs:
+            break
+        probs = attention_probs(q[i], k[i], cos[0], sin[0], group, sliding_window)  # [H, T, T]
+        probs = probs[:, att_stride - 1 :: att_stride]  # every att_stride-th query: the statistics, at a fraction of the cost
+        ut = torch.matmul(probs, u.view(b, t, -1)[i].float())  # [H, T', 2n]
+        if stats.att_m2 is None:
+            stats.att_m2 = torch.zeros(n_kv, u.shape[1], u.shape[1], dtype=torch.float64)
+            stats.att_sum = torch.zeros(n_kv, u.shape[1], dtype=torch.float64)
+        ut = ut.reshape(n_kv, -1, ut.shape[-1]).double()
+        stats.att_m2 += ut.transpose(1, 2) @ ut
+        stats.att_sum += ut.sum(1)
+        stats.att_count += ut.shape[1]
+        stats.att_seqs += 1
     for i in range(b):
         if len(stats.samples) >= max_samples:
             break
         s = min(sample_len, t)
-        qi, ki = q[i, :s].transpose(0, 1).float(), k[i, :s].transpose(0, 1).float()  # [H,T,h], [n_kv,T,h]
-        c, sn = cos[0, :s].float(), sin[0, :s].float()
-        qr, kr = rope_rotate(qi, c, sn), rope_rotate(ki, c, sn)
-        kr = kr.repeat_interleave(n_heads // n_kv, dim=0)
-        scores = qr @ kr.transpose(-1, -2) * h**-0.5
-        mask = torch.ones(s, s, dtype=torch.bool).tril()
-        if sliding_window is not None:
-            mask &= ~torch.ones(s, s, dtype=torch.bool).tril(-sliding_window)
-        probs = F.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-        stats.samples.append((qi, ki, probs))
+        probs = attention_probs(q[i, :s], k[i, :s], cos[0, :s], sin[0, :s], group, sliding_window)
+        stats.samples.append((q[i, :s].transpose(0, 1).float(), k[i, :s].transpose(0, 1).float(), probs))
         stats.x_eval.append(x[i, :s].detach().float())
+
+
+def attention_probs(q, k, cos, sin, group: int, sliding_window: int | None = None) -> torch.Tensor:
+    """The source model's attention probabilities ``[H, T, T]`` from unrotated ``q [T,H,h]``, ``k [T,n_kv,h]``."""
+    s, h = q.shape[0], q.shape[-1]
+    qi, ki = q.transpose(0, 1).float(), k.transpose(0, 1).float()
+    c, sn = cos.float(), sin.float()
+    qr, kr = rope_rotate(qi, c, sn), rope_rotate(ki, c, sn).repeat_interleave(group, dim=0)
+    scores = qr @ kr.transpose(-1, -2) * h**-0.5
+    mask = torch.ones(s, s, dtype=torch.bool).tril()
+    if sliding_window is not None:
+        mask &= ~torch.ones(s, s, dtype=torch.bool).tril(-sliding_window)
+    return F.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)

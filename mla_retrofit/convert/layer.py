@@ -56,12 +56,22 @@ class LayerPlan:
     info: dict = field(default_factory=dict)
 
 
-def plan_rope(stats: LayerStats, method: str, rope_dim: int, inv_freq: torch.Tensor, n_heads: int, attention_scaling: float = 1.0) -> LayerPlan:
+def plan_rope(stats: LayerStats, method: str, rope_dim: int, inv_freq: torch.Tensor, n_heads: int,
+              attention_scaling: float = 1.0, layout: str = "free") -> LayerPlan:
+    """Choose the per-frequency mixing and the pairs that keep RoPE.
+
+    ``layout="deepseek"`` keeps the principal mixed component of every ``stride``-th frequency
+    (``stride = (h/2) / (d_R/2)``), which is exactly a DeepSeek RoPE table of ``d_R`` dims with
+    ``theta ** stride``: the form the DeepSeek-V3 export needs.
+    """
     n_kv, h = stats.n_kv, stats.head_dim
     n_pairs = rope_dim // 2
     pairs = rope.all_pairs(n_kv, h)
     cost = None
-    if method == "weight-svd":
+    if layout == "deepseek":
+        mix = rope.frequency_mixing(stats.key_m2(), n_kv, h, query_weight=_query_energy(stats.query_m2(), h))
+        kept = rope.deepseek_pairs(h, n_pairs)
+    elif method == "weight-svd":
         mix = rope.identity_mixing(n_kv, h)
         kept = rope.first_frequency_pairs(n_kv, h, n_pairs)
     elif n_pairs >= len(pairs):
@@ -172,6 +182,28 @@ def factorization(method: str, stats: LayerStats, tg: Targets, w: AttnWeights, r
         fact = factorize.activation_pca(tg.m2, torch.zeros_like(tg.mean), rank, torch.diag(d).double())
         return fact
     return factorize.activation_pca(tg.cov, tg.mean, rank, g)
+
+
+def refit_values(fact, tg: Targets, stats: LayerStats, eps: float = 1e-6):
+    """Least-squares value up-projection for the latent ``fact`` already chose, judged on attention outputs.
+
+    A head outputs ``W_o,i sum_n a_imn v_n``: with the down-projection fixed, the value rows of
+    ``up`` that minimise that error are ``Cov(v~, c~) Cov(c~)^-1`` with ``c~ = B (u~ - mu)``, using the
+    attention-averaged statistics of each KV group's heads. Returns ``None`` without those statistics.
+    """
+    att = stats.attended_cov()
+    if att is None:
+        return None
+    h, n_k = stats.head_dim, tg.n_k
+    up = fact.up.clone()
+    b = fact.down
+    for g in range(stats.n_kv):
+        c_y = tg.t @ att[g] @ tg.t.T  # [n_y, n_y]
+        cc = b @ c_y @ b.T
+        cc = cc + eps * torch.trace(cc) / cc.shape[0] * torch.eye(cc.shape[0], dtype=cc.dtype)
+        rows = slice(n_k + g * h, n_k + (g + 1) * h)
+        up[rows] = torch.linalg.solve(cc, (c_y[rows] @ b.T).T).T
+    return factorize.Factorization(down=fact.down, up=up, mean=fact.mean, spectrum=fact.spectrum)
 
 
 def attention_state(

@@ -29,7 +29,7 @@ from ..modeling.modeling_mla import MLARetrofitDecoderLayer, MLARetrofitRotaryEm
 from ..sources import Source, resolve
 from . import allocate, factorize
 from .calibrate import LayerStats, accumulate
-from .layer import ALPHAS, METHODS, AttnWeights, attention_state, factorization, metric, plan_rope, targets
+from .layer import ALPHAS, METHODS, AttnWeights, attention_state, factorization, metric, plan_rope, refit_values, targets
 
 
 @dataclass
@@ -50,6 +50,9 @@ class ConvertConfig:
     propagate: str = "original"
     eval_samples: int = 4
     eval_seq_len: int = 256
+    value_fit: str = "attention"
+    rope_layout: str = "free"
+    att_samples: int = 16
     dtype: str = "auto"
     overwrite: bool = False
 
@@ -58,6 +61,10 @@ class ConvertConfig:
             raise UserError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
         if self.rank_allocation not in ("adaptive", "uniform"):
             raise UserError("--rank-allocation must be 'adaptive' or 'uniform'")
+        if self.rope_layout not in ("free", "deepseek"):
+            raise UserError("--rope-layout must be 'free' or 'deepseek'")
+        if self.value_fit not in ("attention", "token"):
+            raise UserError("--value-fit must be 'attention' or 'token'")
         if self.propagate not in ("original", "converted"):
             raise UserError("--propagate must be 'original' or 'converted'")
         if self.kv_ratio is not None and not 0 < self.kv_ratio <= 1:
@@ -125,6 +132,7 @@ class LayerReport:
     attn_error: float
     alpha: float | None = None
     rope_cost_kept: float | None = None
+    value_fit: str | None = None
 
 
 @dataclass
@@ -159,6 +167,10 @@ class Converter:
         self.normed = self.spec.qk_norm
         self.sliding = architectures.sliding_window(c)
         self.budget = resolve_budget(cfg, self.n_kv, self.head_dim)
+        if cfg.rope_layout == "deepseek":
+            half, pairs = self.head_dim // 2, self.budget.rope_dim // 2
+            if pairs == 0 or pairs > half or half % pairs:
+                raise UserError(f"--rope-layout deepseek needs --rope-dim/2 to divide head_dim/2 = {half}, got {pairs}")
         self.rotary = self.spec.rotary_class()(config=c)
         self.dtype = self._out_dtype()
 
@@ -227,7 +239,8 @@ class Converter:
                                             position_ids=torch.arange(h.shape[1]).unsqueeze(0))
                     if stats is not None:
                         accumulate(stats, attn, captured["x"], c, sn, self.n_heads,
-                                   self.cfg.eval_samples, self.cfg.eval_seq_len, self.sliding)
+                                   self.cfg.eval_samples, self.cfg.eval_seq_len, self.sliding,
+                                   self.cfg.att_samples if self.cfg.value_fit == "attention" and self.cfg.method == "mla" else 0)
         finally:
             if handle is not None:
                 handle.remove()
@@ -252,7 +265,7 @@ class Converter:
             layer = self._layer(i)
             stats = LayerStats(self.n_kv, self.head_dim)
             hidden = self._run_layer(layer, hidden, cos, sin, stats)
-            plan = plan_rope(stats, cfg.method, self.budget.rope_dim, inv_freq, self.n_heads, scaling)
+            plan = plan_rope(stats, cfg.method, self.budget.rope_dim, inv_freq, self.n_heads, scaling, cfg.rope_layout)
             tg = targets(stats, plan)
             g = metric(stats, plan, tg, AttnWeights.of(layer.self_attn), self.n_heads, 1.0) if cfg.method == "mla" else None
             spectra.append(factorize.weighted_spectrum(tg.cov, g)[0])
@@ -279,7 +292,7 @@ class Converter:
                 if cfg.propagate == "converted" and i > 0:
                     stats = LayerStats(self.n_kv, self.head_dim)
                     self._run_layer(layer, hidden, cos, sin, stats)
-                    plan = plan_rope(stats, cfg.method, self.budget.rope_dim, inv_freq, self.n_heads, scaling)
+                    plan = plan_rope(stats, cfg.method, self.budget.rope_dim, inv_freq, self.n_heads, scaling, cfg.rope_layout)
                     plan = _keep_freqs(plan, plans[i])
                 mla_layer, report = self._convert_layer(i, layer, stats, plan, ranks[i], mla_cfg, cos, sin)
                 stats_all[i] = None
@@ -324,17 +337,23 @@ class Converter:
         best = None
         alphas = ALPHAS if (self.cfg.method == "mla" and tg.n_k and rank < tg.cov.shape[0]) else (None,)
         mu_u = stats.mean() if self.cfg.method == "mla" else torch.zeros_like(stats.mean())
+        pos = (mla_cos.expand(x.shape[0], -1, -1), mla_sin.expand(x.shape[0], -1, -1))
         for alpha in alphas:
             g = metric(stats, plan, tg, w, self.n_heads, alpha if alpha is not None else 1.0) if self.cfg.method == "mla" else None
             fact = factorization(self.cfg.method, stats, tg, w, rank, g)
-            state = attention_state(w, plan, tg, fact, mu_u, self.n_heads, self.head_dim, self.normed)
-            mla_layer.self_attn.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-            with torch.no_grad():
-                out = mla_layer.self_attn(x, position_embeddings=(mla_cos.expand(x.shape[0], -1, -1), mla_sin.expand(x.shape[0], -1, -1)))[0]
-            err = float((out - ref).square().sum() / ref.square().sum().clamp_min(1e-30))
-            if best is None or err < best[0]:
-                best = (err, alpha, fact, state)
-        err, alpha, fact, state = best
+            candidates = [(fact, "token")]
+            refit = refit_values(fact, tg, stats) if self.cfg.method == "mla" else None
+            if refit is not None:
+                candidates.append((refit, "attention"))
+            for cand, value_fit in candidates:
+                state = attention_state(w, plan, tg, cand, mu_u, self.n_heads, self.head_dim, self.normed)
+                mla_layer.self_attn.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+                with torch.no_grad():
+                    out = mla_layer.self_attn(x, position_embeddings=pos)[0]
+                err = float((out - ref).square().sum() / ref.square().sum().clamp_min(1e-30))
+                if best is None or err < best[0]:
+                    best = (err, alpha, cand, state, value_fit)
+        err, alpha, fact, state, value_fit = best
         mla_layer.self_attn.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         for name in ("mlp", "input_layernorm", "post_attention_layernorm"):
             getattr(mla_layer, name).load_state_dict(getattr(layer, name).state_dict(), strict=True)
@@ -344,7 +363,7 @@ class Converter:
             retained_energy=fact.retained(),
             key_error=factorize.relative_error(tg.cov, fact, slice(0, n_k)) if n_k else 0.0,
             value_error=factorize.relative_error(tg.cov, fact, slice(n_k, None)),
-            attn_error=err, alpha=alpha, rope_cost_kept=plan.info.get("rope_cost_kept"),
+            attn_error=err, alpha=alpha, rope_cost_kept=plan.info.get("rope_cost_kept"), value_fit=value_fit,
         )
         return mla_layer, report
 

@@ -80,6 +80,15 @@ def first_frequency_pairs(n_kv: int, head_dim: int, n_pairs: int) -> list[tuple[
     return all_pairs(n_kv, head_dim)[:n_pairs]
 
 
+def deepseek_pairs(head_dim: int, n_pairs: int) -> list[tuple[int, int]]:
+    """Component 0 of every ``stride``-th frequency: a geometric frequency table, as DeepSeek's RoPE builds."""
+    half = head_dim // 2
+    if n_pairs == 0 or half % n_pairs:
+        raise ValueError(f"d_R/2 = {n_pairs} must divide head_dim/2 = {half} for a DeepSeek RoPE layout")
+    stride = half // n_pairs
+    return [(0, t) for t in range(0, half, stride)]
+
+
 def top_pairs(cost: torch.Tensor, n_pairs: int) -> list[tuple[int, int]]:
     """The ``n_pairs`` pairs with the largest cost of dropping their rotation; ``cost`` is ``[n_kv, h/2]``."""
     n_kv, half = cost.shape
