@@ -212,7 +212,8 @@ def heal(
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
     resume: bool = typer.Option(False, help="Continue an interrupted heal from its last checkpoint."),
     distill: float = typer.Option(0.0, help="Phase 2: weight of KL to the teacher's logits."),
-    gradient_checkpointing: bool = typer.Option(False, help="Trade compute for memory."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
+                                                          help="Trade compute for memory (default: the preset's)."),
     dry_run: bool = typer.Option(False, help="Print the plan and exit."),
     seed: int = typer.Option(0, help="Random seed."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
@@ -253,7 +254,7 @@ def heal(
 
             result = run_heal(cfg, progress)
         if dry_run:
-            typer.echo(json.dumps(_plain(result), indent=2, default=str))
+            typer.echo(json.dumps(_plain(result), default=str) if json_out else result.plan.describe())
             return
         state.record("heal", str(out_dir), source=model_dir)
         if json_out:
@@ -399,6 +400,51 @@ def print_bench(result: dict) -> None:
                       f"{r['model']['decode_tok_s']:.1f}", f"{r['baseline']['decode_tok_s']:.1f}",
                       f"{r['decode_ratio']:.2f}x")
         console.print(t)
+
+
+# ---------------------------------------------------------------------------------------------------------
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="Native MLA checkpoint (from convert or heal)."),
+    out: Path = typer.Argument(..., help="Output directory (written atomically)."),
+    format: str = typer.Option("deepseek", help="Target format: deepseek (stock DeepseekV3ForCausalLM, no remote code)."),
+    pad_ranks: bool = typer.Option(False, help="Zero-pad per-layer latent ranks to the largest (costs cache)."),
+    flashmla: bool = typer.Option(False, help="Target kv_lora_rank 512 + qk_rope_head_dim 64 (FlashMLA)."),
+    pad_rope: bool = typer.Option(False, help="Allow empty RoPE table slots (costs cache)."),
+    biases: bool = typer.Option(True, "--biases/--no-biases", help="Exact with biases (transformers) or bias-free (vLLM/SGLang, approximate)."),
+    rope_interleave: bool = typer.Option(True, "--rope-interleave/--no-rope-interleave", help="Interleaved RoPE weights (vLLM/SGLang)."),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16"),
+    verify_tokens: int = typer.Option(64, help="Tokens for the native-vs-export KL check (0 = skip)."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Print the export report as JSON."),
+) -> None:
+    """Export a native MLA checkpoint to the DeepSeek-V3 format (vLLM/SGLang serve it with their MLA kernels).
+
+    Convert with --rope-layout deepseek --rank-allocation uniform for an exportable model.
+
+    Examples:
+
+      mla-retrofit export out/ out-deepseek/
+
+      mla-retrofit export out/ out-ds/ --no-biases --dtype bfloat16     # for engines; approximate, see docs/serving.md
+    """
+    from mla_retrofit.export import export_deepseek
+
+    with user_errors():
+        if format != "deepseek":
+            raise UserError(f"unknown export format '{format}'; supported: deepseek")
+        with err_console.status("exporting"):
+            rep = export_deepseek(str(model), str(out), pad_ranks=pad_ranks, flashmla=flashmla, overwrite=overwrite,
+                                  pad_rope=pad_rope, biases=biases, rope_interleave=rope_interleave, dtype=dtype,
+                                  verify_tokens=verify_tokens)
+        if json_out:
+            typer.echo(json.dumps(_plain(rep), default=str))
+            return
+        info(f"wrote {out}: cache {rep.cache_values_export} values/token (native {rep.cache_values_native}); "
+             f"breakdown {rep.cache_breakdown}")
+        info(rep.fidelity_note)
+        for note in rep.notes:
+            info(f"note: {note}")
 
 
 # ---------------------------------------------------------------------------------------------------------

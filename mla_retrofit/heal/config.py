@@ -20,7 +20,7 @@ BASE: dict = dict(
     warmup_fraction=0.05, save_every=100,
 )
 
-#: ``cpu-demo``: SmolLM2-135M on a 2-core CPU in about 20 minutes (see the README of the heal module).
+#: ``cpu-demo``: SmolLM2-135M on a 2-core CPU in under 20 minutes (96 steps of 2 x 256 tokens).
 #: ``gpu-7b``: a starting point for 7B models on one 8-GPU node (``accelerate launch``); not tuned.
 PRESETS: dict[str, dict] = {
     "cpu-demo": dict(

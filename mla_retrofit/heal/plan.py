@@ -66,9 +66,12 @@ class Plan:
 
 
 def split_steps(total: int, split: tuple[float, float, float]) -> list[int]:
-    """``total`` steps in proportion to ``split``; a phase with a positive share gets at least one step."""
-    s = sum(split)
-    steps = [int(round(total * f / s)) for f in split]
+    """``total`` steps in proportion to ``split`` (largest remainders); a positive share gets at least one step."""
+    exact = [total * f / sum(split) for f in split]
+    steps = [int(x) for x in exact]
+    by_remainder = sorted(range(len(split)), key=lambda i: exact[i] - steps[i], reverse=True)
+    for i in by_remainder[: total - sum(steps)]:
+        steps[i] += 1
     return [max(n, 1) if f > 0 else 0 for n, f in zip(steps, split)]
 
 

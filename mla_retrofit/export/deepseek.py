@@ -1,0 +1,437 @@
+"""Export a native MLA checkpoint to the stock transformers DeepSeek-V3 format (no remote code).
+
+Steps, one layer's weights in memory at a time:
+
+1. read the native config and refuse what DeepSeek-V3 cannot express
+   (Qwen3-style nonlinear latent, MLP biases, per-layer ranks unless padded,
+   RoPE frequencies no single DeepSeek table holds);
+2. plan the target: one ``kv_lora_rank`` (+1 constant channel that turns
+   ``kv_a_layernorm`` into a fixed rescale), a RoPE table (``rope_theta``,
+   slots), the softmax-scale folding, ``q_lora`` only to carry a query bias;
+3. per layer: rewrite the attention (:mod:`.attention`), copy the dense MLP,
+   write, and push both the native and the exported layer through a short
+   token stream (:mod:`.verify`);
+4. write embeddings, an explicit ``lm_head``, config, tokenizer files,
+   ``export.json`` (settings, cache cost, measured fidelity) and a model card.
+
+The whole directory appears only when complete (:func:`atomic_dir`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..checkpoint import ShardWriter, atomic_dir
+from ..errors import UserError
+from ..modeling.configuration_mla import MLARetrofitConfig
+from ..modeling.modeling_mla import MLARetrofitRotaryEmbedding
+from .attention import LayerGeometry, NativeAttention, attention_tensors
+from .rope_table import RopeTable, fit_rope_table
+from .verify import StreamCheck
+
+FLASHMLA_RANK, FLASHMLA_ROPE = 512, 64
+DTYPES = ("auto", "float32", "bfloat16")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+)
+MLP_AND_NORMS = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+                 "input_layernorm.weight", "post_attention_layernorm.weight")
+
+
+@dataclass
+class ExportConfig:
+    model: str  # native MLA checkpoint directory
+    output: str
+    pad_ranks: bool = False  # zero-pad per-layer latent ranks to the largest
+    flashmla: bool = False  # kv_lora_rank 512 + qk_rope_head_dim 64 (FlashMLA decode kernels)
+    pad_rope: bool = False  # allow empty RoPE table slots (other layers' frequencies, or gaps)
+    biases: bool = True  # exact form (needs attention_bias); False: bias-free, approximate, engine-loadable
+    rope_interleave: bool = True  # vLLM/SGLang always rotate interleaved pairs
+    dtype: str = "auto"
+    verify_tokens: int = 64
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
+        if self.verify_tokens < 0:
+            raise UserError("verify_tokens must be >= 0")
+        if not self.biases and self.verify_tokens < 8:
+            raise UserError("biases=False fits each layer's latent norm on the verification tokens: keep verify_tokens >= 8")
+
+
+@dataclass
+class ExportReport:
+    output: str
+    source: str
+    layers: int
+    kv_lora_rank: int
+    qk_rope_head_dim: int
+    qk_nope_head_dim: int
+    q_lora_rank: int | None
+    rope_parameters: dict
+    rope_interleave: bool
+    attention_bias: bool
+    cache_values_native: int  # per token, all layers
+    cache_values_export: int
+    cache_breakdown: dict  # where the export's extra cache values go
+    exact: bool  # exact re-parameterisation (up to delta_bound) in transformers
+    delta_bound: float  # worst-case relative latent/query shrink from the constant channels
+    engine_compatible: bool  # no known reason (from reading vLLM's source; not run) for engines to compute another function
+    fidelity: dict | None  # measured against the native model (KL per token etc.)
+    fidelity_note: str = ""
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def cache_ratio(self) -> float:
+        return self.cache_values_export / self.cache_values_native
+
+
+# -- reading and refusing ----------------------------------------------------------------------------
+
+def read_native_config(model_dir: Path) -> tuple[MLARetrofitConfig, str]:
+    cfg_file = model_dir / "config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"{model_dir} has no config.json; pass the directory written by `mla-retrofit convert`")
+    raw = json.loads(cfg_file.read_text())
+    if raw.get("model_type") != "mla_retrofit":
+        raise UserError(
+            f"{model_dir} is a '{raw.get('model_type')}' checkpoint, not a native MLA one; export the output of "
+            "`mla-retrofit convert`"
+        )
+    dtype = str(raw.get("dtype") or raw.get("torch_dtype") or "float32")
+    keep = {k: v for k, v in raw.items() if k not in ("model_type", "transformers_version", "auto_map", "architectures")}
+    return MLARetrofitConfig(**keep), dtype
+
+
+def refuse_inexpressible(cfg: MLARetrofitConfig) -> None:
+    if cfg.latent_input != "hidden" or cfg.qk_norm:
+        raise UserError(
+            "this model (Qwen3-style) computes its latent from RMS-normalised keys and normalises each query head; "
+            "DeepSeek-V3's latent is linear in the hidden state and its queries have no per-head norm, so it cannot "
+            "be exported: serve the native checkpoint (trust_remote_code) instead"
+        )
+    if cfg.mlp_bias:
+        raise UserError("the MLPs have biases; DeepSeek-V3's dense MLP has none, so the model cannot be exported")
+    if cfg.num_attention_heads % cfg.kv_groups:
+        raise UserError(f"num_attention_heads {cfg.num_attention_heads} is not a multiple of kv_groups {cfg.kv_groups}")
+
+
+def plan_rank(ranks: list[int], extra: int, pad_ranks: bool, flashmla: bool) -> int:
+    need = max(ranks) + extra
+    if flashmla:
+        if need > FLASHMLA_RANK:
+            raise UserError(
+                f"FlashMLA needs kv_lora_rank {FLASHMLA_RANK}; this latent needs {need} channels "
+                f"(rank {max(ranks)} + {extra} constant): re-convert with --rank {FLASHMLA_RANK - extra} or less"
+            )
+        return FLASHMLA_RANK
+    if len(set(ranks)) > 1 and not pad_ranks:
+        extra_vals = sum(max(ranks) - r for r in ranks)
+        raise UserError(
+            f"latent ranks differ across layers ({min(ranks)}..{max(ranks)}) but DeepSeek-V3 has one kv_lora_rank: "
+            f"pass pad_ranks=True (zero-pads to {max(ranks)}, +{extra_vals} cache values per token) or re-convert "
+            "with --rank-allocation uniform"
+        )
+    return need
+
+
+def out_dtype(name: str, native: str, notes: list[str]) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if native in ("float16", "fp16"):
+        notes.append("native weights are float16; the export is written in bfloat16 (the constant latent channel "
+                     "needs bfloat16's exponent range)")
+        return torch.bfloat16
+    return getattr(torch, native, torch.float32)
+
+
+# -- the exporter --------------------------------------------------------------------------------------
+
+class DeepseekExporter:
+    def __init__(self, cfg: ExportConfig):
+        from ..sources import SafetensorsWeights
+
+        cfg.validate()
+        self.cfg = cfg
+        self.src = Path(cfg.model)
+        if not self.src.is_dir():
+            raise UserError(f"model directory {self.src} does not exist")
+        self.native, native_dtype = read_native_config(self.src)
+        refuse_inexpressible(self.native)
+        self.weights = SafetensorsWeights(self.src)
+        self.notes: list[str] = []
+        self.dtype = out_dtype(cfg.dtype, native_dtype, self.notes)
+        self.plan()
+
+    # -- planning ----------------------------------------------------------------------------------
+    def plan(self) -> None:
+        c, cfg = self.native, self.cfg
+        h = c.head_dim
+        rope_dims = [2 * len(f) for f in c.rope_freq_idx]
+        if cfg.flashmla and max(rope_dims) > FLASHMLA_ROPE:
+            raise UserError(
+                f"FlashMLA needs qk_rope_head_dim {FLASHMLA_ROPE}; this model keeps {max(rope_dims)} RoPE dims per layer: "
+                f"re-convert with --rope-dim {FLASHMLA_ROPE} (or less) and --rope-layout deepseek"
+            )
+        self.rank = plan_rank(c.kv_lora_ranks, 1 if cfg.biases else 0, cfg.pad_ranks, cfg.flashmla)
+        src_inv, self.src_scaling = MLARetrofitRotaryEmbedding.compute_inv_freq(c)
+        self.table: RopeTable = fit_rope_table(
+            c.rope_freq_idx, src_inv, dict(c.rope_parameters), h, c.max_position_embeddings,
+            pad=cfg.pad_rope, target_pairs=FLASHMLA_ROPE // 2 if cfg.flashmla else None,
+        )
+        self.notes.extend(self.table.notes)
+        q_bias = self.weights.has("model.layers.0.self_attn.q_proj.bias")
+        q_rows = c.num_attention_heads * (h + self.table.dim)
+        q_lora = min(c.hidden_size, q_rows) + 1 if (q_bias and cfg.biases) else None
+        if q_bias and not cfg.biases:
+            self.notes.append("the query bias is dropped (biases=False)")
+        if not cfg.biases and c.rms_norm_eps != 1e-6:
+            self.notes.append(f"vLLM normalises the latent with eps={c.rms_norm_eps}, transformers with 1e-6")
+        self.ds_config = self.build_ds_config(q_lora)
+        s_ds = self.ds_softmax_scale()
+        alpha = h**-0.5 / s_ds
+        self.geometry = LayerGeometry(
+            n_heads=c.num_attention_heads, kv_groups=c.kv_groups, head_dim=h, hidden=c.hidden_size,
+            kv_lora_rank=self.rank, rope_pairs=self.table.n_pairs, interleave=cfg.rope_interleave, alpha=alpha,
+            alpha_rope=alpha * self.src_scaling**2 / self.table.attention_scaling**2, q_lora_rank=q_lora,
+        )
+        if c.hidden_act != "silu":
+            self.notes.append(f"hidden_act is '{c.hidden_act}'; transformers honours it, engines' DeepSeek MLPs expect silu")
+        if c.sliding_window is not None:
+            self.notes.append(
+                f"the native model attends within a sliding window of {c.sliding_window} tokens; DeepSeek-V3 has "
+                "none, so the export matches only for contexts up to that length"
+            )
+
+    def ds_softmax_scale(self) -> float:
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
+
+        return float(yarn_apply_mscale(self.table.rope_parameters, self.ds_config.qk_head_dim**-0.5))
+
+    def build_ds_config(self, q_lora: int | None):
+        from transformers import DeepseekV3Config
+
+        c, n_layers = self.native, self.native.num_hidden_layers
+        cfg = DeepseekV3Config(
+            vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+            moe_intermediate_size=c.intermediate_size, num_hidden_layers=n_layers,
+            num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_attention_heads,
+            n_shared_experts=1, n_routed_experts=1, routed_scaling_factor=1.0, n_group=1, topk_group=1,
+            num_experts_per_tok=1, first_k_dense_replace=n_layers, norm_topk_prob=True,
+            kv_lora_rank=self.rank, q_lora_rank=q_lora, qk_rope_head_dim=self.table.dim,
+            qk_nope_head_dim=c.head_dim, v_head_dim=c.head_dim, hidden_act=c.hidden_act,
+            max_position_embeddings=c.max_position_embeddings, initializer_range=c.initializer_range,
+            rms_norm_eps=c.rms_norm_eps, use_cache=True, pad_token_id=c.pad_token_id, bos_token_id=c.bos_token_id,
+            eos_token_id=c.eos_token_id, tie_word_embeddings=False, rope_parameters=dict(self.table.rope_parameters),
+            rope_interleave=self.cfg.rope_interleave, attention_bias=self.cfg.biases, attention_dropout=0.0,
+            num_mtp_layers=0,
+        )
+        cfg.architectures = ["DeepseekV3ForCausalLM"]
+        cfg.dtype = self.dtype
+        return cfg
+
+    # -- per layer -----------------------------------------------------------------------------------
+    def native_layer(self, i: int) -> dict[str, torch.Tensor]:
+        prefix = f"model.layers.{i}."
+        return {k[len(prefix):]: self.weights.get(k) for k in self.weights.names() if k.startswith(prefix)}
+
+    def native_attention(self, state: dict[str, torch.Tensor]) -> NativeAttention:
+        def get(name):
+            t = state.get("self_attn." + name)
+            return None if t is None else t.double()
+
+        return NativeAttention(
+            q_w=get("q_proj.weight"), q_b=get("q_proj.bias"), kv_a_w=get("kv_a_proj.weight"),
+            kv_a_b=get("kv_a_proj.bias"), q_rope=get("q_rope"), k_up=get("k_up.weight"), v_up=get("v_up.weight"),
+            o_w=get("o_proj.weight"), o_b=get("o_proj.bias"), input_norm=state["input_layernorm.weight"].double(),
+        )
+
+    def layer_tensors(self, i: int, state: dict, check: StreamCheck | None):
+        nat = self.native_attention(state)
+        attn, channels = attention_tensors(nat, self.geometry, self.table.slots[i], self.cfg.biases)
+        if not self.cfg.biases:
+            attn["kv_a_layernorm.weight"][:] = check.latent_rms(i, state, self.rank)
+        out = {f"self_attn.{k}": v.to(self.dtype) for k, v in attn.items()}
+        out.update({k: state[k].to(self.dtype) for k in MLP_AND_NORMS})
+        return out, channels
+
+    # -- the run -------------------------------------------------------------------------------------
+    def verification_ids(self) -> torch.Tensor | None:
+        n = self.cfg.verify_tokens
+        if n == 0:
+            return None
+        try:
+            from ..data import builtin_texts
+            from ..sources import load_tokenizer
+
+            tok = load_tokenizer(str(self.src))
+            ids = tok("\n\n".join(builtin_texts("builtin-eval")[:40]), add_special_tokens=False)["input_ids"][:n]
+            if len(ids) == n:
+                return torch.tensor([ids])
+        except Exception as e:  # no usable tokenizer: random tokens still measure the maths
+            self.notes.append(f"verification used random token ids (tokenizer unavailable: {type(e).__name__})")
+        gen = torch.Generator().manual_seed(0)
+        return torch.randint(0, self.native.vocab_size, (1, n), generator=gen)
+
+    def run(self) -> ExportReport:
+        t0 = time.time()
+        c = self.native
+        ids = self.verification_ids()
+        embed = self.weights.get("model.embed_tokens.weight")
+        check = StreamCheck(c, self.ds_config, ids, embed) if ids is not None else None
+        channels: list[dict] = []
+        with atomic_dir(Path(self.cfg.output), self.cfg.overwrite) as tmp:
+            writer = ShardWriter(tmp)
+            for i in range(c.num_hidden_layers):
+                state = self.native_layer(i)
+                ds_state, ch = self.layer_tensors(i, state, check)
+                channels.append({k: v.as_dict() for k, v in ch.items()})
+                if check is not None:
+                    check.layer(i, state, ds_state)
+                for k, v in ds_state.items():
+                    writer.add(f"model.layers.{i}.{k}", v)
+            fidelity = self.write_rest(writer, tmp, check, embed)
+            writer.close()
+            report = self.report(channels, fidelity, time.time() - t0)
+            (tmp / "export.json").write_text(json.dumps(self.record(report, channels), indent=2))
+            (tmp / "README.md").write_text(model_card(report))
+        return report
+
+    def write_rest(self, writer: ShardWriter, tmp: Path, check: StreamCheck | None, embed) -> dict | None:
+        w = self.weights
+        head = w.get("lm_head.weight") if w.has("lm_head.weight") else embed
+        norm = w.get("model.norm.weight")
+        writer.add("model.embed_tokens.weight", embed.to(self.dtype))
+        writer.add("model.norm.weight", norm.to(self.dtype))
+        writer.add("lm_head.weight", head.to(self.dtype).clone())  # explicit (and unshared) even when tied
+        self.ds_config.save_pretrained(str(tmp))
+        copied = [name for name in TOKENIZER_FILES if (self.src / name).is_file()]
+        for name in copied:
+            shutil.copy2(self.src / name, tmp / name)
+        if "tokenizer_config.json" not in copied and "tokenizer.json" not in copied:
+            self.notes.append("no tokenizer files in the native checkpoint; none copied")
+        if check is None:
+            return None
+        return check.finish(norm, head, norm.to(self.dtype), head.to(self.dtype))
+
+    # -- records ---------------------------------------------------------------------------------------
+    def cache_breakdown(self) -> dict:
+        c, n_layers = self.native, self.native.num_hidden_layers
+        extra = 1 if self.cfg.biases else 0
+        latent = sum(c.kv_lora_ranks)
+        rope_native = sum(2 * len(f) for f in c.rope_freq_idx)
+        return {
+            "latent": latent,
+            "rope": rope_native,
+            "constant_channel": extra * n_layers,
+            "rank_padding": sum(self.rank - extra - r for r in c.kv_lora_ranks),
+            "rope_padding": n_layers * self.table.dim - rope_native,
+        }
+
+    def report(self, channels: list[dict], fidelity: dict | None, seconds: float) -> ExportReport:
+        c = self.native
+        breakdown = self.cache_breakdown()
+        native_total = sum(c.cache_values_per_token())
+        export_total = c.num_hidden_layers * (self.rank + self.table.dim)
+        delta = max((ch["delta_bound"] for layer in channels for ch in layer.values()), default=0.0)
+        engine = (not self.cfg.biases) and self.table.engine_ok and self.cfg.rope_interleave
+        if self.cfg.biases:
+            self.notes.append(
+                "vLLM builds DeepSeek attention without biases and skips bias tensors when loading (SGLang's "
+                "projections are bias-free too): this exact export is for transformers; engines would silently "
+                "compute another function (export with biases=False and heal for engines)"
+            )
+        return ExportReport(
+            output=self.cfg.output, source=str(self.src), layers=c.num_hidden_layers, kv_lora_rank=self.rank,
+            qk_rope_head_dim=self.table.dim, qk_nope_head_dim=c.head_dim, q_lora_rank=self.geometry.q_lora_rank,
+            rope_parameters=dict(self.table.rope_parameters), rope_interleave=self.cfg.rope_interleave,
+            attention_bias=self.cfg.biases, cache_values_native=native_total, cache_values_export=export_total,
+            cache_breakdown=breakdown, exact=self.cfg.biases, delta_bound=delta, engine_compatible=engine,
+            fidelity=fidelity, fidelity_note=fidelity_note(self, delta, fidelity), notes=self.notes,
+            seconds=round(seconds, 1),
+        )
+
+    def record(self, report: ExportReport, channels: list[dict]) -> dict:
+        return {
+            "mla_retrofit_version": __version__,
+            "source": str(self.src),
+            "source_model": self.native.source_model,
+            "settings": asdict(self.cfg),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "report": asdict(report),
+            "rope": {"step": self.table.step, "slots": self.table.slots,
+                     "theta": self.table.rope_parameters.get("rope_theta"),
+                     "max_freq_rel_error": self.table.max_freq_rel_error, "engine_ok": self.table.engine_ok},
+            "folding": {"alpha": self.geometry.alpha, "alpha_rope": self.geometry.alpha_rope},
+            "constant_channels": channels,
+        }
+
+
+def fidelity_note(exp: DeepseekExporter, delta: float, fidelity: dict | None) -> str:
+    measured = (
+        f" Measured against the native model in float32 over {fidelity['tokens']} tokens: KL per token mean "
+        f"{fidelity['kl_mean']:.2e}, max {fidelity['kl_max']:.2e}, top-1 agreement {fidelity['top1_agreement']:.3f}."
+        if fidelity else " Not measured (verify_tokens=0)."
+    )
+    rope = f"RoPE table matches the kept frequencies to {exp.table.max_freq_rel_error:.1e} (relative)."
+    if exp.cfg.biases:
+        return (
+            "Exact re-parameterisation (transformers): a constant latent channel makes kv_a_layernorm a fixed rescale "
+            f"up to a worst-case relative shrink of {delta:.1e} per token (1 cache value per layer); the softmax scale "
+            f"and RoPE factors are folded into the query weights. {rope}" + measured
+        )
+    return (
+        "Approximate (bias-free, engine-loadable): kv_a_layernorm really normalises the latent (weight fitted to the "
+        "typical latent RMS), and the attention biases (latent centring, value mean, query bias) are dropped. "
+        f"{rope} Heal this form before serving." + measured
+    )
+
+
+def model_card(r: ExportReport) -> str:
+    fid = (f"- measured KL per token vs native (float32, {r.fidelity['tokens']} tokens): mean {r.fidelity['kl_mean']:.2e}, "
+           f"max {r.fidelity['kl_max']:.2e}\n") if r.fidelity else ""
+    return (
+        f"# DeepSeek-V3 export of {r.source}\n\n"
+        f"Written by mla-retrofit {__version__}. Loads with stock transformers "
+        "(`DeepseekV3ForCausalLM.from_pretrained(path)`, no remote code).\n\n"
+        f"- kv_lora_rank {r.kv_lora_rank}, qk_rope_head_dim {r.qk_rope_head_dim}, qk_nope_head_dim {r.qk_nope_head_dim}, "
+        f"q_lora_rank {r.q_lora_rank}, attention_bias {r.attention_bias}, rope_interleave {r.rope_interleave}\n"
+        f"- KV cache per token: {r.cache_values_export} values (native {r.cache_values_native}); "
+        f"breakdown {r.cache_breakdown}\n"
+        f"{fid}"
+        f"- fidelity: {r.fidelity_note}\n"
+        f"- vLLM/SGLang compatible (from their source, not run): {r.engine_compatible}\n\n"
+        + "".join(f"- note: {n}\n" for n in r.notes)
+        + "\n`export.json` holds the settings, the RoPE table and the per-layer constant channels.\n"
+    )
+
+
+def export_deepseek(
+    model_dir: str,
+    out_dir: str,
+    pad_ranks: bool = False,
+    flashmla: bool = False,
+    overwrite: bool = False,
+    *,
+    pad_rope: bool = False,
+    biases: bool = True,
+    rope_interleave: bool = True,
+    dtype: str = "auto",
+    verify_tokens: int = 64,
+) -> ExportReport:
+    """Write ``out_dir`` as a stock-transformers ``DeepseekV3ForCausalLM`` checkpoint of the native model in ``model_dir``."""
+    cfg = ExportConfig(
+        model=str(model_dir), output=str(out_dir), pad_ranks=pad_ranks, flashmla=flashmla, pad_rope=pad_rope,
+        biases=biases, rope_interleave=rope_interleave, dtype=dtype, verify_tokens=verify_tokens, overwrite=overwrite,
+    )
+    return DeepseekExporter(cfg).run()

@@ -1,0 +1,81 @@
+"""Measure the export against the native model, one layer of each in memory at a time.
+
+Two hidden-state streams (native layers, DeepSeek layers) start from the same
+token embeddings; after the last layer both go through their final norm and
+head, and the per-token KL divergence of the next-token distributions is
+reported. Both sides run in float32 from the weights as written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..modeling.configuration_mla import MLARetrofitConfig
+from ..modeling.modeling_mla import MLARetrofitDecoderLayer, MLARetrofitRMSNorm, MLARetrofitRotaryEmbedding
+
+
+def causal_mask(t: int) -> torch.Tensor:
+    mask = torch.full((t, t), torch.finfo(torch.float32).min).triu(1)
+    return mask[None, None]
+
+
+class StreamCheck:
+    """Feed it each layer's native and exported weights in order, then :meth:`finish` with the heads."""
+
+    def __init__(self, native_cfg: MLARetrofitConfig, ds_cfg, ids: torch.Tensor, embed: torch.Tensor):
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+
+        self.native_cfg, self.ds_cfg = native_cfg, ds_cfg
+        native_cfg._attn_implementation = "eager"
+        ds_cfg._attn_implementation = "eager"
+        self.ids = ids
+        x = embed.float()[ids]
+        self.native_h, self.ds_h = x.clone(), x.clone()
+        pos = torch.arange(ids.shape[1]).unsqueeze(0)
+        self.pos = pos
+        self.mask = causal_mask(ids.shape[1])
+        self.native_pe = MLARetrofitRotaryEmbedding(native_cfg)(x, pos)
+        self.ds_pe = DeepseekV3RotaryEmbedding(ds_cfg)(x, pos)
+
+    @torch.no_grad()
+    def layer(self, i: int, native_state: dict, ds_state: dict) -> None:
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer
+
+        nat = MLARetrofitDecoderLayer(self.native_cfg, i).eval()
+        nat.load_state_dict({k: v.float() for k, v in native_state.items()}, strict=True)
+        self.native_h = nat(self.native_h, attention_mask=self.mask, position_embeddings=self.native_pe)
+        ds = DeepseekV3DecoderLayer(self.ds_cfg, i).eval()
+        ds.load_state_dict({k: v.float() for k, v in ds_state.items()}, strict=True)
+        self.ds_h = ds(self.ds_h, attention_mask=self.mask, position_ids=self.pos, position_embeddings=self.ds_pe)
+
+    @torch.no_grad()
+    def latent_rms(self, i: int, native_state: dict, n_channels: int) -> float:
+        """Mean per-token RMS (over ``n_channels``) of layer ``i``'s bias-free latent ``W_c x`` on this stream."""
+        norm = MLARetrofitRMSNorm(self.native_h.shape[-1], self.native_cfg.rms_norm_eps)
+        norm.weight.data.copy_(native_state["input_layernorm.weight"].float())
+        rank = self.native_cfg.kv_lora_ranks[i]
+        c = norm(self.native_h) @ native_state["self_attn.kv_a_proj.weight"][:rank].float().T
+        return float((c.pow(2).sum(-1) / n_channels).sqrt().mean())
+
+    @torch.no_grad()
+    def finish(self, native_norm, native_head, ds_norm, ds_head) -> dict:
+        eps = self.native_cfg.rms_norm_eps
+        logits = []
+        for h, nw, head in ((self.native_h, native_norm, native_head), (self.ds_h, ds_norm, ds_head)):
+            norm = MLARetrofitRMSNorm(nw.numel(), eps)
+            norm.weight.data.copy_(nw.float())
+            logits.append(norm(h) @ head.float().T)
+        return compare_logits(logits[0], logits[1])
+
+
+def compare_logits(ref: torch.Tensor, got: torch.Tensor) -> dict:
+    """Per-token ``KL(ref || got)`` (mean, max), top-1 agreement and max |logit diff|."""
+    lp, lq = ref.double().log_softmax(-1), got.double().log_softmax(-1)
+    kl = (lp.exp() * (lp - lq)).sum(-1).flatten()
+    return {
+        "tokens": int(kl.numel()),
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).double().mean()),
+        "max_abs_logit_diff": float((ref.double() - got.double()).abs().max()),
+    }

@@ -1,0 +1,157 @@
+"""The student (converted MLA model), the teacher (original model), and the pieces of them each phase trains.
+
+The MLA parameters are exactly the parameters under ``self_attn`` of each
+decoder layer. Phase 1 trains them through :class:`AttentionStack`, a module
+that holds only the MLA attentions under the student's own parameter names, so
+its state dict is a subset of the student's and the full model's forward is
+never run. :class:`TeacherTap` records each teacher layer's attention input and
+output during one teacher forward.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import UserError
+from ..modeling.configuration_mla import MLARetrofitConfig
+from ..modeling.modeling_mla import MLARetrofitForCausalLM
+from ..sources import EMBEDDED_DEFAULT, embedded_gguf_path
+from ..sources import load_model as load_source_model
+
+
+def is_attention(name: str) -> bool:
+    return ".self_attn." in name
+
+
+def set_trainable(module: nn.Module, phase: str) -> list[nn.Parameter]:
+    """Freeze everything a phase does not train; returns the trainable parameters in a fixed order."""
+    trainable = []
+    for name, p in module.named_parameters():
+        p.requires_grad_(phase == "full" or is_attention(name))
+        if p.requires_grad:
+            trainable.append(p)
+    return trainable
+
+
+def mla_config(directory: str) -> MLARetrofitConfig:
+    cfg = Path(directory) / "config.json"
+    if not cfg.is_file() or json.loads(cfg.read_text()).get("model_type") != "mla_retrofit":
+        raise UserError(f"{directory} is not a converted MLA checkpoint; run 'mla-retrofit convert' first")
+    return MLARetrofitConfig.from_pretrained(directory)
+
+
+def load_student(directory: str) -> MLARetrofitForCausalLM:
+    """The converted model in float32 (the training master copy), SDPA attention."""
+    mla_config(directory)
+    model = MLARetrofitForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa")
+    return model.train()
+
+
+def load_tokenizer(directory: str):
+    """The converted model's tokenizer (its config is MLA code shipped in the checkpoint, hence trusted)."""
+    from transformers import AutoTokenizer
+
+    mla_config(directory)
+    try:
+        return AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
+    except Exception as e:
+        raise UserError(f"cannot load the tokenizer of {directory} ({e})") from e
+
+
+def param_counts(directory: str) -> dict[str, int]:
+    """``attention`` (MLA) and ``total`` parameter counts, from the config alone."""
+    with torch.device("meta"):
+        model = MLARetrofitForCausalLM(mla_config(directory))
+    named = dict(model.named_parameters())
+    return {"attention": sum(p.numel() for n, p in named.items() if is_attention(n)),
+            "total": sum(p.numel() for p in named.values())}
+
+
+def resolve_teacher(model_dir: str, teacher: str | None) -> str:
+    """The teacher's name: ``teacher`` or the ``source_model`` recorded in ``conversion.json``; must exist."""
+    name = teacher
+    if name is None:
+        record = Path(model_dir) / "conversion.json"
+        name = json.loads(record.read_text()).get("source_model") if record.is_file() else None
+        if not name:
+            raise UserError(f"{model_dir}/conversion.json names no source model; pass --teacher ORIGINAL_MODEL")
+    if name in (EMBEDDED_DEFAULT, "default"):
+        embedded_gguf_path()
+        return name
+    path = Path(name).expanduser()
+    is_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and path.suffix != ".gguf"
+    if not path.exists() and not is_hub_id:
+        raise UserError(f"teacher model '{name}' not found; pass --teacher with the original model's directory or .gguf")
+    return name
+
+
+def load_teacher(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    model = load_source_model(name, dtype=dtype)
+    model.config._attn_implementation = "sdpa"
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+class _Slot(nn.Module):
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.self_attn = attn
+
+
+class AttentionStack(nn.Module):
+    """The student's MLA attentions, named ``model.layers.{i}.self_attn`` like in the student."""
+
+    _no_split_modules = ["MLARetrofitAttention"]  # the FSDP wrapping unit under accelerate
+
+    def __init__(self, student: MLARetrofitForCausalLM, checkpointing: bool = False):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList(_Slot(layer.self_attn) for layer in student.model.layers)
+        self.checkpointing = checkpointing
+
+    def forward(self, inputs: list[torch.Tensor], position_embeddings, attention_mask=None) -> list[torch.Tensor]:
+        outputs = []
+        for slot, x in zip(self.model.layers, inputs):
+            if self.checkpointing and self.training:
+                y = checkpoint(_attend, slot.self_attn, x, position_embeddings, attention_mask, use_reentrant=False)
+            else:
+                y = _attend(slot.self_attn, x, position_embeddings, attention_mask)
+            outputs.append(y)
+        return outputs
+
+
+def _attend(attn: nn.Module, x: torch.Tensor, position_embeddings, attention_mask) -> torch.Tensor:
+    return attn(x, position_embeddings=position_embeddings, attention_mask=attention_mask)[0]
+
+
+class TeacherTap:
+    """Hooks on every teacher attention: its input (the ``input_layernorm`` output) and its output."""
+
+    def __init__(self, teacher: nn.Module):
+        self.layers = list(teacher.model.layers)
+        self.inputs: list[torch.Tensor | None] = [None] * len(self.layers)
+        self.outputs: list[torch.Tensor | None] = [None] * len(self.layers)
+        self.handles = []
+
+    def _hook(self, i: int):
+        def hook(_module, args, kwargs, output):
+            self.inputs[i] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            self.outputs[i] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def __enter__(self) -> TeacherTap:
+        for i, layer in enumerate(self.layers):
+            self.handles.append(layer.self_attn.register_forward_hook(self._hook(i), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
