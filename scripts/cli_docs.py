@@ -25,7 +25,7 @@ Conventions: every command takes `--help`; `mla-retrofit --version`; `-q/--quiet
 `-v/--verbose` go before the command (`mla-retrofit -q convert ...`). Commands that report numbers
 take `--json`. `convert` and `heal` take `--config FILE.yaml|json` whose keys are the option names
 (flags given on the command line win; unknown keys are an error); the fully resolved settings are
-written next to every output (`conversion.json`, `heal.json`). Exit codes: 0 success, 1 user error
+written next to every output (`conversion.json`, with a `heal` record added by `heal`; `export.json`). Exit codes: 0 success, 1 user error
 (one line on stderr saying what to fix), 2 usage error, 130 interrupted.
 
 A bare `heal` uses the last `convert` output recorded in `./.mla-retrofit/state.json`; a bare
@@ -37,11 +37,12 @@ def main() -> None:
     runner = CliRunner()
     parts = [INTRO]
     for cmd in ([], ["convert"], ["heal"], ["bench"], ["inspect"], ["export"]):
-        r = runner.invoke(app, [*cmd, "--help"], terminal_width=110)
+        r = runner.invoke(app, [*cmd, "--help"], terminal_width=110, prog_name="mla-retrofit")
         if r.exit_code != 0:
             continue
         text = re.sub(r"\x1b\[[0-9;]*m", "", r.output)
-        parts.append(f"## `mla-retrofit {' '.join(cmd) or ''}`".replace(" `", "`").replace("``", "`") + "\n\n```\n" + text.rstrip() + "\n```\n")
+        title = " ".join(["mla-retrofit", *cmd])
+        parts.append(f"## `{title}`\n\n```\n" + "\n".join(l.rstrip() for l in text.strip().splitlines()) + "\n```\n")
     Path(__file__).resolve().parents[1].joinpath("docs", "cli.md").write_text("\n".join(parts))
 
 

@@ -197,7 +197,9 @@ class MLARetrofitAttention(nn.Module):
         interface: Callable = eager_attention_forward
         if impl != "eager":
             interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
-        pad = "flash" in (impl or "") and self.rope_dim > 0  # flash-attn wants equal q/k/v head dims
+        # flash-attn, and torch's fused SDPA kernels, want equal q/k/v head dims: without the zero padding
+        # SDPA falls back to its math kernel (6x slower at 8k context on CPU, measured).
+        pad = impl not in (None, "eager") and self.rope_dim > 0
         if pad:
             value = F.pad(value, (0, self.rope_dim))
         out, _ = interface(
@@ -227,9 +229,15 @@ class MLARetrofitAttention(nn.Module):
             mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)[None, None]
         if mask is not None:
             mask = mask[:, :, -t:, :].repeat_interleave(h, dim=2)
-        ctx = F.scaled_dot_product_attention(
-            q_abs, latent, latent[..., : self.rank], attn_mask=mask, scale=self.scaling
-        )  # [B, 1, T*H, r]
+        # Two plain matmuls: faster than SDPA here (SDPA copies the strided value view; 2x at 4k on CPU).
+        scores = torch.matmul(q_abs, latent.transpose(-1, -2)) * self.scaling  # [B, 1, T*H, S]
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + mask
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(latent.dtype)
+        ctx = torch.matmul(probs, latent[..., : self.rank])  # [B, 1, T*H, r]
         ctx = ctx.view(b, t, h, self.rank)
         return torch.einsum("bthr,hdr->bthd", ctx, w_uv)  # [B, T, H, h]
 
