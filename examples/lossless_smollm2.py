@@ -31,8 +31,8 @@ def main() -> int:
         msgs = [{"role": "user", "content": "Explain in two sentences what a key-value cache is."}]
         ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
         with torch.no_grad():
-            a = orig.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:]
-            b = mla.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:]
+            a = orig.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, ids.shape[1]:]
+            b = mla.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, ids.shape[1]:]
             la, lb = orig(ids).logits, mla(ids).logits
     rel = float((la - lb).abs().max() / la.abs().max())
     print(f"original : {tok.decode(a)!r}")
