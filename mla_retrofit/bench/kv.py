@@ -72,12 +72,6 @@ def measure_generate(model, input_ids: torch.Tensor, new_tokens: int, attention_
     )
 
 
-def weight_bytes(model_or_config, dtype_bytes: int) -> int:
-    if isinstance(model_or_config, torch.nn.Module):
-        return sum(p.numel() for p in model_or_config.parameters()) * dtype_bytes
-    raise TypeError("pass a model")
-
-
 def largest_fit(config, memory_bytes: int, weights: int, dtype_bytes: int, context: int | None = None, batch: int | None = None) -> int:
     """Largest batch (given ``context``) or context (given ``batch``) whose cache fits beside the weights."""
     free = memory_bytes - weights

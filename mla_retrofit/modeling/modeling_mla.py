@@ -86,6 +86,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def apply_mask(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Add a float mask, or fill where a boolean mask is False."""
+    if mask is None:
+        return scores
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return scores + mask
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -99,12 +108,7 @@ def eager_attention_forward(
     n_rep = module.num_key_value_groups
     key = key.repeat_interleave(n_rep, dim=1) if n_rep > 1 else key
     value = value.repeat_interleave(n_rep, dim=1) if n_rep > 1 else value
-    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
-        else:
-            attn_weights = attn_weights + attention_mask
+    attn_weights = apply_mask(torch.matmul(query, key.transpose(2, 3)) * scaling, attention_mask)
     attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
     attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
@@ -230,12 +234,7 @@ class MLARetrofitAttention(nn.Module):
         if mask is not None:
             mask = mask[:, :, -t:, :].repeat_interleave(h, dim=2)
         # Two plain matmuls: faster than SDPA here (SDPA copies the strided value view; 2x at 4k on CPU).
-        scores = torch.matmul(q_abs, latent.transpose(-1, -2)) * self.scaling  # [B, 1, T*H, S]
-        if mask is not None:
-            if mask.dtype == torch.bool:
-                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-            else:
-                scores = scores + mask
+        scores = apply_mask(torch.matmul(q_abs, latent.transpose(-1, -2)) * self.scaling, mask)  # [B, 1, T*H, S]
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(latent.dtype)
         ctx = torch.matmul(probs, latent[..., : self.rank])  # [B, 1, T*H, r]
         ctx = ctx.view(b, t, h, self.rank)
