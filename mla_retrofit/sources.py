@@ -121,10 +121,6 @@ class Source:
             self._tokenizer = load_tokenizer(self.name)
         return self._tokenizer
 
-    def load_model(self, dtype: torch.dtype = torch.float32):
-        """The whole original model (teacher or baseline)."""
-        return load_model(self.name, dtype=dtype)
-
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """False when offline mode is set or the Hub's host cannot be resolved/reached (checked quickly, no retries)."""

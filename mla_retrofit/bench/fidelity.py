@@ -49,14 +49,3 @@ def compare(model, baseline, ids: torch.Tensor, batch_size: int = 2, progress=No
         kl=kl / count,
         top1_agreement=agree / count,
     )
-
-
-@torch.no_grad()
-def perplexity(model, ids: torch.Tensor, batch_size: int = 2) -> float:
-    nll, count = 0.0, 0
-    for s in range(0, ids.shape[0], batch_size):
-        x = ids[s : s + batch_size]
-        lp = F.log_softmax(model(x, use_cache=False).logits[:, :-1].float(), dim=-1)
-        nll += float(-lp.gather(-1, x[:, 1:].unsqueeze(-1)).sum())
-        count += x[:, 1:].numel()
-    return math.exp(nll / count)
