@@ -287,6 +287,7 @@ def bench(
     eval_seq_len: int = typer.Option(512, help="Tokens per fidelity window."),
     speed_context: str = typer.Option("4k,8k", help="Context lengths for the speed runs."),
     speed_batch: int = typer.Option(1, help="Batch size for the speed runs."),
+    speed_cache: str = typer.Option("dynamic", help="Cache for the speed runs: dynamic (each model's generate() default), static (both preallocated), or dynamic,static."),
     decode_steps: int = typer.Option(8, help="Timed decode steps per round."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number to this JSON file."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG: cache vs context, decode tokens/s vs context."),
@@ -318,7 +319,7 @@ def bench(
         cfg = BenchConfig(model=model, baseline=baseline, kv_report=kv_report or none, fidelity=fidelity or none,
                           speed=speed or none, contexts=context, batches=batch, dtype=dtype, memory=memory, text=text,
                           eval_samples=eval_samples, eval_seq_len=eval_seq_len, speed_contexts=speed_context,
-                          speed_batch=speed_batch, decode_steps=decode_steps)
+                          speed_batch=speed_batch, speed_cache=speed_cache, decode_steps=decode_steps)
         with err_console.status("benchmarking") as status:
             result = run_bench(cfg, progress=lambda s: status.update(s), command=" ".join(["mla-retrofit"] + sys.argv[1:]))
         if lm_eval:
@@ -391,14 +392,14 @@ def print_bench(result: dict) -> None:
                       f"top-1 agreement {fid['top1_agreement']:.1%}", highlight=False)
     sp = result.get("speed")
     if sp:
-        t = Table(title="speed (tokens/s; model/baseline)")
-        for col in ("context", "batch", "prefill model", "prefill base", "ratio", "decode model", "decode base", "ratio"):
+        t = Table(title=f"speed, batch {sp[0]['batch']} (tokens/s: model / baseline)")
+        for col in ("context", "cache", "prefill", "ratio", "decode", "ratio"):
             t.add_column(col, justify="right")
         for r in sp:
-            t.add_row(str(r["context"]), str(r["batch"]), f"{r['model']['prefill_tok_s']:.0f}",
-                      f"{r['baseline']['prefill_tok_s']:.0f}", f"{r['prefill_ratio']:.2f}x",
-                      f"{r['model']['decode_tok_s']:.1f}", f"{r['baseline']['decode_tok_s']:.1f}",
-                      f"{r['decode_ratio']:.2f}x")
+            m, b = r["model"], r["baseline"]
+            t.add_row(str(r["context"]), r.get("cache", "dynamic"),
+                      f"{m['prefill_tok_s']:.0f} / {b['prefill_tok_s']:.0f}", f"{r['prefill_ratio']:.2f}x",
+                      f"{m['decode_tok_s']:.1f} / {b['decode_tok_s']:.1f}", f"[bold]{r['decode_ratio']:.2f}x[/]")
         console.print(t)
 
 

@@ -80,6 +80,64 @@ def test_cache_holds_exactly_the_latent(converted):
     assert m.measured_bytes == m.analytic_bytes == 2 * n_cached * sum(per_layer) * 4
 
 
+def _decode(mla, ids, steps, cache=None):
+    """Prefill ``ids`` then ``steps`` greedy steps through forward(); logits of every step and the cache."""
+    out = mla(ids, cache=cache, use_cache=True)
+    cache, logits = out.cache, [out.logits[:, -1]]
+    for _ in range(steps):
+        out = mla(logits[-1].argmax(-1, keepdim=True), cache=cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1), cache
+
+
+def test_latent_cache_writes_in_place_and_matches_cat(converted, monkeypatch):
+    mla = _load(converted("qwen2", 0.5))
+    ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(11))
+    module = sys.modules[type(mla).__module__]
+    with torch.no_grad():
+        fast, cache = _decode(mla, ids, 70)
+        layer = cache.layers[0]
+        assert isinstance(layer, module.LatentCacheLayer)
+        n = layer.keys.shape[-2]
+        assert n == 80 and layer.keys.data_ptr() == layer._buffer.data_ptr()
+        row = layer.keys[..., :1, :].numel() * 4
+        # Head-room at most 1/32 of the length (rounded up): the bytes held stay the bytes used, nearly.
+        assert n * row <= layer._buffer.untyped_storage().nbytes() <= (n + -(-n // 32)) * row
+        # Reallocations only every ceil(n/32) tokens (here >= 3), not at every step as torch.cat does.
+        ptrs = set()
+        for _ in range(20):
+            mla(ids[:, :1], cache=cache, use_cache=True)
+            ptrs.add(cache.layers[0]._buffer.data_ptr())
+        assert len(ptrs) <= 1 + 20 // 3
+        monkeypatch.setattr(module, "use_latent_layers", lambda *a, **k: None)
+        ref, ref_cache = _decode(mla, ids, 70)
+        assert type(ref_cache.layers[0]) is not module.LatentCacheLayer
+    assert _rel(fast, ref) <= 1e-6
+
+
+def test_latent_cache_crop_beams_and_grad(converted):
+    mla = _load(converted("llama", 0.5))
+    ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        # Crop back (as assisted decoding does), then decode again: same as a fresh run.
+        full, cache = _decode(mla, ids, 12)
+        cache.crop(-12)
+        again = [mla(full[:, 0].argmax(-1, keepdim=True), cache=cache, use_cache=True).logits[:, -1]]
+        assert _rel(again[0], full[:, 1]) <= 1e-5
+        # Beam search reorders the cache (index_select replaces the buffer): same beams as a cat cache.
+        beams = mla.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False)
+        module = sys.modules[type(mla).__module__]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(module, "use_latent_layers", lambda *a, **k: None)
+            ref = mla.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False)
+    assert torch.equal(beams, ref)
+    # With gradients flowing through the cache the layer falls back to concatenation: backward works.
+    out = mla(ids, use_cache=True)
+    out2 = mla(ids[:, :2], cache=out.cache, use_cache=True)
+    (out.logits.sum() + out2.logits.sum()).backward()
+    assert mla.model.layers[0].self_attn.kv_a_proj.weight.grad is not None
+
+
 def test_gqa_cache_bytes_match_analytic(tiny_src):
     orig = AutoModelForCausalLM.from_pretrained(str(tiny_src("qwen2"))).eval()
     ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(5))

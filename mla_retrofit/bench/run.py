@@ -11,7 +11,11 @@ JSON schema (version 1), every section present only when it ran::
                            "max_batch": [{"context", "model", "baseline"}]},
                    "measured": {"model": {...GenerateMeasurement}, "baseline": {...}}},
      "fidelity": {"text", "tokens", "ppl_model", "ppl_baseline", "ppl_ratio", "kl", "top1_agreement"},
-     "speed": [{"context", "batch", "model": {...SpeedPoint}, "baseline": {...}, "decode_ratio", "prefill_ratio"}]}
+     "speed": [{"context", "batch", "cache", "model": {...SpeedPoint}, "baseline": {...}, "decode_ratio",
+                "prefill_ratio"}]}
+
+``speed[].cache`` (added in 0.2, still schema 1) is ``dynamic`` (each model's default ``generate()`` cache)
+or ``static`` (both models on a preallocated ``StaticCache``).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class BenchConfig:
     eval_seq_len: int = 512
     speed_contexts: str = "4k,8k"
     speed_batch: int = 1
+    speed_cache: str = "dynamic"
     decode_steps: int = 8
     decode_rounds: int = 3
     generate_tokens: int = 16
@@ -62,6 +67,9 @@ class BenchConfig:
                 kv.parse_tokens(getattr(self, name))
             except ValueError as e:
                 raise UserError(f"--{name.replace('_', '-')} must be a comma list like 4k,32k ({e})") from e
+        bad = [c for c in self.speed_cache.split(",") if c.strip() not in speed.CACHES]
+        if bad:
+            raise UserError(f"--speed-cache must be a comma list of {', '.join(speed.CACHES)} (got {', '.join(bad)})")
         try:
             kv.parse_size(self.memory)
         except ValueError as e:
@@ -150,10 +158,12 @@ def run_bench(cfg: BenchConfig, progress=None, command: str | None = None) -> di
         if baseline is None:
             raise UserError("speed comparison needs a baseline: pass --baseline ORIGINAL_MODEL")
         result["speed"] = []
-        for context in kv.parse_tokens(cfg.speed_contexts):
-            say(f"speed at context {context}")
-            cmp = speed.compare_speed(model, baseline, context, cfg.speed_batch, cfg.decode_steps, cfg.decode_rounds)
-            result["speed"].append({"context": context, "batch": cfg.speed_batch, **cmp.as_dict()})
+        for cache in [c.strip() for c in cfg.speed_cache.split(",")]:
+            for context in kv.parse_tokens(cfg.speed_contexts):
+                say(f"speed at context {context} ({cache} cache)")
+                cmp = speed.compare_speed(model, baseline, context, cfg.speed_batch, cfg.decode_steps,
+                                          cfg.decode_rounds, cache=cache)
+                result["speed"].append({"context": context, "batch": cfg.speed_batch, **cmp.as_dict()})
     return result
 
 
@@ -179,10 +189,13 @@ def plot(result: dict, path: str) -> None:
         axes[0].legend()
     sp = result.get("speed")
     if sp:
-        ctx = [r["context"] for r in sp]
-        axes[1].plot(ctx, [r["model"]["decode_tok_s"] for r in sp], "o-", label="MLA (model)")
-        axes[1].plot(ctx, [r["baseline"]["decode_tok_s"] for r in sp], "s--", label="GQA (baseline)")
-        axes[1].set(xlabel="context length (tokens)", ylabel="decode tokens/s", title="Greedy decode speed")
+        for kind in dict.fromkeys(r.get("cache", "dynamic") for r in sp):
+            rows = [r for r in sp if r.get("cache", "dynamic") == kind]
+            ctx = [r["context"] for r in rows]
+            tag = "" if kind == "dynamic" else f", {kind} cache"
+            axes[1].plot(ctx, [r["model"]["decode_tok_s"] for r in rows], "o-", label=f"MLA (model{tag})")
+            axes[1].plot(ctx, [r["baseline"]["decode_tok_s"] for r in rows], "s--", label=f"GQA (baseline{tag})")
+        axes[1].set(xlabel="context length (tokens)", ylabel="decode tokens/s", title="Greedy decode speed", ylim=(0, None))
         axes[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -22,6 +22,7 @@ class SpeedPoint:
 class SpeedComparison:
     model: SpeedPoint
     baseline: SpeedPoint
+    cache: str = "dynamic"
 
     @property
     def decode_ratio(self) -> float:
@@ -32,7 +33,7 @@ class SpeedComparison:
         return self.model.prefill_tok_s / self.baseline.prefill_tok_s
 
     def as_dict(self) -> dict:
-        return {"model": asdict(self.model), "baseline": asdict(self.baseline),
+        return {"cache": self.cache, "model": asdict(self.model), "baseline": asdict(self.baseline),
                 "decode_ratio": self.decode_ratio, "prefill_ratio": self.prefill_ratio}
 
 
@@ -41,12 +42,24 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+CACHES = ("dynamic", "static")
+
+
+def _new_cache(model, kind: str, max_len: int):
+    if kind == "dynamic":
+        return None  # the model makes its default cache, as generate() does
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=max_len)
+
+
 @torch.no_grad()
-def _prefill(model, ids: torch.Tensor):
+def _prefill(model, ids: torch.Tensor, cache=None):
+    """One prefill; only the last position's logits are computed, as ``generate()`` does."""
     device = ids.device
     _sync(device)
     t0 = time.perf_counter()
-    out = model(ids, use_cache=True)
+    out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
     _sync(device)
     return out.cache, out.logits[:, -1:].argmax(-1), time.perf_counter() - t0
 
@@ -58,7 +71,7 @@ def _decode(model, cache, token: torch.Tensor, steps: int) -> list[float]:
     for _ in range(steps):
         _sync(device)
         t0 = time.perf_counter()
-        out = model(token, cache=cache, use_cache=True)
+        out = model(token, cache=cache, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1:].argmax(-1)
         _sync(device)
         times.append(time.perf_counter() - t0)
@@ -67,11 +80,18 @@ def _decode(model, cache, token: torch.Tensor, steps: int) -> list[float]:
 
 @torch.no_grad()
 def compare_speed(
-    model, baseline, context: int, batch: int = 1, steps: int = 8, rounds: int = 3, vocab: int | None = None, seed: int = 0
+    model, baseline, context: int, batch: int = 1, steps: int = 8, rounds: int = 3, vocab: int | None = None,
+    seed: int = 0, cache: str = "dynamic",
 ) -> SpeedComparison:
     """Prefill ``context`` random tokens once per model, then ``rounds`` x ``steps`` greedy decode steps,
     the two models alternating round by round; the first step of each round is a warm-up and not counted.
-    Decode speed is the median step time; the cache is cropped back to ``context`` between rounds."""
+    Decode speed is the median step time; the cache is cropped back to ``context`` between rounds.
+
+    ``cache="dynamic"`` gives each model the cache ``generate()`` gives it by default (a ``DynamicCache``: the
+    GQA baseline grows it with ``torch.cat``, the MLA model writes its latent in place); ``"static"`` gives
+    both a preallocated ``StaticCache``, so the comparison is of attention and weights alone."""
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {CACHES}")
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     vocab = vocab or model.config.vocab_size
@@ -79,8 +99,8 @@ def compare_speed(
     _prefill(model, ids[:, :16]), _prefill(baseline, ids[:, :16])  # warm-up
     state = {}
     for name, m in (("model", model), ("baseline", baseline)):
-        cache, tok, secs = _prefill(m, ids)
-        state[name] = {"m": m, "cache": cache, "tok": tok, "prefill": secs, "steps": []}
+        kv, tok, secs = _prefill(m, ids, _new_cache(m, cache, context + steps + 1))
+        state[name] = {"m": m, "cache": kv, "tok": tok, "prefill": secs, "steps": []}
     for _ in range(rounds):
         for name in ("model", "baseline"):
             s = state[name]
@@ -92,4 +112,4 @@ def compare_speed(
         step = statistics.median(s["steps"])
         points[name] = SpeedPoint(context=context, batch=batch, prefill_tok_s=batch * context / s["prefill"],
                                   decode_tok_s=batch / step, decode_ms_per_step=step * 1000)
-    return SpeedComparison(model=points["model"], baseline=points["baseline"])
+    return SpeedComparison(model=points["model"], baseline=points["baseline"], cache=cache)
