@@ -1,6 +1,6 @@
 """CUDA checks and GPU decode speed, in one run (the GPU machine is lent in short slots: keep it one script).
 
-    python benchmarks/gpu_check.py --out gpu_check.json [--skip-speed] [--layers 32]
+    python benchmarks/gpu_check.py --out gpu_check.json [--sections correctness,healing,speed] [--layers 32]
 
 1. Correctness on CUDA, tiny random models of each family converted here (fp32, TF32 off): lossless
    conversion reproduces the original's logits; cached greedy decode equals the full forward; absorbed
@@ -9,8 +9,8 @@
 2. Healing on CUDA: a few steps of all three phases through the single-process engine, then resume.
 3. Speed: random-init models with Llama-3-8B's shape (GQA, 8 KV heads) and its MLA form at half the KV
    cache (rank 960 + 64 RoPE dims per layer), bf16, alternated in one run by ``compare_speed``, with each
-   model's default (dynamic) cache and with preallocated static caches. Weights are random: speed does not
-   depend on their values.
+   model's default (dynamic) cache, with preallocated static caches, and static caches decoded through
+   torch.compile (CUDA graphs). Weights are random: speed does not depend on their values.
 Prints one JSON document (also written to --out).
 """
 
@@ -124,7 +124,7 @@ def healing(tmp: Path) -> dict:
     return {"steps": 6, "seconds": full_s, "resume_max_abs_diff": diff, "device": torch.cuda.get_device_name(0)}
 
 
-def speed(layers: int, cases: list[tuple[int, int]]) -> list[dict]:
+def speed(layers: int, cases: list[tuple[int, int, tuple[str, ...]]], on_row=None) -> list[dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mla_retrofit.bench.speed import compare_speed
@@ -147,25 +147,34 @@ def speed(layers: int, cases: list[tuple[int, int]]) -> list[dict]:
     for m in (gqa, mla):
         m.config._attn_implementation = "sdpa"
     rows = []
-    for context, batch in cases:
-        for cache in ("dynamic", "static"):
+    for context, batch, kinds in cases:
+        for kind in kinds:
+            cache, compiled = kind.split("+")[0], kind.endswith("+compile")
             try:
-                c = compare_speed(mla, gqa, context, batch, steps=16, rounds=3, cache=cache)
+                c = compare_speed(mla, gqa, context, batch, steps=16, rounds=3, cache=cache, compile=compiled)
                 row = {"context": context, "batch": batch, **c.as_dict()}
             except torch.OutOfMemoryError as e:
-                row = {"context": context, "batch": batch, "cache": cache, "error": f"out of memory: {e}"[:200]}
+                row = {"context": context, "batch": batch, "cache": cache, "compiled": compiled,
+                       "error": f"out of memory: {e}"[:200]}
             torch.cuda.empty_cache()
             rows.append(row)
-            print({k: row.get(k) for k in ("context", "batch", "cache", "decode_ratio", "prefill_ratio", "error")},
-                  flush=True)
+            if on_row:
+                on_row(rows)
+            print({k: row.get(k) for k in ("context", "batch", "cache", "compiled", "decode_ratio", "prefill_ratio",
+                                           "error")}, flush=True)
     return rows
+
+
+# Eager rows first; compiled rows (a compile per shape, about a minute each) last, most telling first.
+CASES = [(8192, 1, ("dynamic", "static")), (32768, 1, ("dynamic", "static")), (8192, 8, ("dynamic", "static")),
+         (8192, 8, ("static+compile",)), (32768, 1, ("static+compile",)), (8192, 1, ("static+compile",))]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="gpu_check.json")
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--sections", default="correctness,healing,speed")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check needs a CUDA device")
@@ -173,27 +182,41 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
     import transformers
 
+    sections = args.sections.split(",")
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "transformers": transformers.__version__,
               "flash_attn_installed": importlib.util.find_spec("flash_attn") is not None}
+
+    def save():
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for name, fn in (("correctness", lambda: correctness(tmp)), ("healing", lambda: healing(tmp))):
+            if name not in sections:
+                continue
             t0 = time.time()
             try:
                 result[name] = fn()
             except Exception:  # report and go on: one broken section must not hide the others
                 result[name] = {"error": traceback.format_exc()[-2000:]}
             result[f"{name}_seconds"] = time.time() - t0
+            save()
             print(name, "done", flush=True)
-    if not args.skip_speed:
+    if "speed" in sections:
         t0 = time.time()
+
+        def on_row(rows):
+            result["speed"] = rows
+            result["speed_seconds"] = time.time() - t0
+            save()
+
         try:
-            result["speed"] = speed(args.layers, [(8192, 1), (32768, 1), (8192, 8)])
+            speed(args.layers, CASES, on_row)
         except Exception:
-            result["speed"] = {"error": traceback.format_exc()[-2000:]}
+            result["speed_error"] = traceback.format_exc()[-2000:]
         result["speed_seconds"] = time.time() - t0
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    save()
     print(json.dumps(result, indent=2))
 
 

@@ -287,7 +287,7 @@ def bench(
     eval_seq_len: int = typer.Option(512, help="Tokens per fidelity window."),
     speed_context: str = typer.Option("4k,8k", help="Context lengths for the speed runs."),
     speed_batch: int = typer.Option(1, help="Batch size for the speed runs."),
-    speed_cache: str = typer.Option("dynamic", help="Cache for the speed runs: dynamic (each model's generate() default), static (both preallocated), or dynamic,static."),
+    speed_cache: str = typer.Option("dynamic", help="Speed runs with: dynamic (each model's generate() default cache), static (both preallocated), compiled (static + torch.compile; CUDA graphs on GPU); comma list."),
     decode_steps: int = typer.Option(8, help="Timed decode steps per round."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number to this JSON file."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG: cache vs context, decode tokens/s vs context."),
@@ -397,7 +397,7 @@ def print_bench(result: dict) -> None:
             t.add_column(col, justify="right")
         for r in sp:
             m, b = r["model"], r["baseline"]
-            t.add_row(str(r["context"]), r.get("cache", "dynamic"),
+            t.add_row(str(r["context"]), "compiled" if r.get("compiled") else r.get("cache", "dynamic"),
                       f"{m['prefill_tok_s']:.0f} / {b['prefill_tok_s']:.0f}", f"{r['prefill_ratio']:.2f}x",
                       f"{m['decode_tok_s']:.1f} / {b['decode_tok_s']:.1f}", f"[bold]{r['decode_ratio']:.2f}x[/]")
         console.print(t)

@@ -46,10 +46,14 @@ def test_bench_fidelity_of_model_against_itself(tiny_src, workdir):
 
 def test_bench_speed_runs_and_reports_ratios(converted, workdir):
     r = runner.invoke(app, ["bench", str(converted("llama", 0.5)), "--speed", "--speed-context", "64",
-                            "--decode-steps", "2", "--json", "s.json"])
+                            "--decode-steps", "2", "--speed-cache", "dynamic,static", "--json", "s.json"])
     assert r.exit_code == 0, r.output
-    sp = json.loads((workdir / "s.json").read_text())["speed"][0]
-    assert sp["context"] == 64 and sp["model"]["decode_tok_s"] > 0 and sp["decode_ratio"] > 0
+    rows = json.loads((workdir / "s.json").read_text())["speed"]
+    assert [(sp["context"], sp["cache"], sp["compiled"]) for sp in rows] == [(64, "dynamic", False), (64, "static", False)]
+    for sp in rows:
+        assert sp["model"]["decode_tok_s"] > 0 and sp["decode_ratio"] > 0
+    r = runner.invoke(app, ["bench", str(converted("llama", 0.5)), "--speed", "--speed-cache", "paged"])
+    assert r.exit_code == 1 and "--speed-cache" in r.output and "Traceback" not in r.output
 
 
 def test_user_errors_are_one_line_exit_1(tiny_src, workdir):

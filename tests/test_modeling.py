@@ -184,6 +184,20 @@ def test_static_cache_generate_matches_dynamic(converted):
     assert torch.equal(dyn, sta)
 
 
+def test_static_cache_decode_step_traces_without_graph_breaks(converted):
+    """torch.compile (CUDA graphs) needs one graph per decode step: no branch may read a cache length."""
+    import torch._dynamo as dynamo
+    from transformers import StaticCache
+
+    mla = _load(converted("qwen3", 0.5))
+    ids = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        cache = StaticCache(config=mla.config, max_cache_len=16)
+        token = mla(ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        explained = dynamo.explain(mla)(token, cache=cache, use_cache=True)
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
 def test_save_load_fresh_process_without_project(converted, tmp_path):
     """Loads with trust_remote_code in a new interpreter where importing mla_retrofit fails."""
     path = converted("qwen3", 0.5)

@@ -11,11 +11,12 @@ JSON schema (version 1), every section present only when it ran::
                            "max_batch": [{"context", "model", "baseline"}]},
                    "measured": {"model": {...GenerateMeasurement}, "baseline": {...}}},
      "fidelity": {"text", "tokens", "ppl_model", "ppl_baseline", "ppl_ratio", "kl", "top1_agreement"},
-     "speed": [{"context", "batch", "cache", "model": {...SpeedPoint}, "baseline": {...}, "decode_ratio",
+     "speed": [{"context", "batch", "cache", "compiled", "model": {...SpeedPoint}, "baseline": {...}, "decode_ratio",
                 "prefill_ratio"}]}
 
-``speed[].cache`` (added in 0.2, still schema 1) is ``dynamic`` (each model's default ``generate()`` cache)
-or ``static`` (both models on a preallocated ``StaticCache``).
+``speed[].cache`` and ``speed[].compiled`` (added in 0.2, still schema 1): ``dynamic`` is each model's default
+``generate()`` cache, ``static`` both models on a preallocated ``StaticCache``; ``compiled`` is true when the
+decode steps ran through ``torch.compile`` (CUDA graphs on a GPU).
 """
 
 from __future__ import annotations
@@ -67,9 +68,10 @@ class BenchConfig:
                 kv.parse_tokens(getattr(self, name))
             except ValueError as e:
                 raise UserError(f"--{name.replace('_', '-')} must be a comma list like 4k,32k ({e})") from e
-        bad = [c for c in self.speed_cache.split(",") if c.strip() not in speed.CACHES]
+        bad = [c for c in self.speed_cache.split(",") if c.strip() not in speed.SPEED_MODES]
         if bad:
-            raise UserError(f"--speed-cache must be a comma list of {', '.join(speed.CACHES)} (got {', '.join(bad)})")
+            raise UserError(f"--speed-cache must be a comma list of {', '.join(speed.SPEED_MODES)} "
+                            f"(got {', '.join(bad)})")
         try:
             kv.parse_size(self.memory)
         except ValueError as e:
@@ -158,11 +160,12 @@ def run_bench(cfg: BenchConfig, progress=None, command: str | None = None) -> di
         if baseline is None:
             raise UserError("speed comparison needs a baseline: pass --baseline ORIGINAL_MODEL")
         result["speed"] = []
-        for cache in [c.strip() for c in cfg.speed_cache.split(",")]:
+        for mode in [c.strip() for c in cfg.speed_cache.split(",")]:
             for context in kv.parse_tokens(cfg.speed_contexts):
-                say(f"speed at context {context} ({cache} cache)")
+                say(f"speed at context {context} ({mode})")
                 cmp = speed.compare_speed(model, baseline, context, cfg.speed_batch, cfg.decode_steps,
-                                          cfg.decode_rounds, cache=cache)
+                                          cfg.decode_rounds, cache="static" if mode == "compiled" else mode,
+                                          compile=mode == "compiled")
                 result["speed"].append({"context": context, "batch": cfg.speed_batch, **cmp.as_dict()})
     return result
 
@@ -189,10 +192,13 @@ def plot(result: dict, path: str) -> None:
         axes[0].legend()
     sp = result.get("speed")
     if sp:
-        for kind in dict.fromkeys(r.get("cache", "dynamic") for r in sp):
-            rows = [r for r in sp if r.get("cache", "dynamic") == kind]
+        def kind_of(r):
+            return "compiled" if r.get("compiled") else r.get("cache", "dynamic")
+
+        for kind in dict.fromkeys(kind_of(r) for r in sp):
+            rows = [r for r in sp if kind_of(r) == kind]
             ctx = [r["context"] for r in rows]
-            tag = "" if kind == "dynamic" else f", {kind} cache"
+            tag = "" if kind == "dynamic" else f", {kind}"
             axes[1].plot(ctx, [r["model"]["decode_tok_s"] for r in rows], "o-", label=f"MLA (model{tag})")
             axes[1].plot(ctx, [r["baseline"]["decode_tok_s"] for r in rows], "s--", label=f"GQA (baseline{tag})")
         axes[1].set(xlabel="context length (tokens)", ylabel="decode tokens/s", title="Greedy decode speed", ylim=(0, None))

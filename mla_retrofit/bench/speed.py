@@ -23,6 +23,7 @@ class SpeedComparison:
     model: SpeedPoint
     baseline: SpeedPoint
     cache: str = "dynamic"
+    compiled: bool = False
 
     @property
     def decode_ratio(self) -> float:
@@ -33,7 +34,7 @@ class SpeedComparison:
         return self.model.prefill_tok_s / self.baseline.prefill_tok_s
 
     def as_dict(self) -> dict:
-        return {"cache": self.cache, "model": asdict(self.model), "baseline": asdict(self.baseline),
+        return {"cache": self.cache, "compiled": self.compiled, "model": asdict(self.model), "baseline": asdict(self.baseline),
                 "decode_ratio": self.decode_ratio, "prefill_ratio": self.prefill_ratio}
 
 
@@ -43,6 +44,7 @@ def _sync(device) -> None:
 
 
 CACHES = ("dynamic", "static")
+SPEED_MODES = ("dynamic", "static", "compiled")  # compiled: static cache decoded through torch.compile
 
 
 def _new_cache(model, kind: str, max_len: int):
@@ -81,7 +83,7 @@ def _decode(model, cache, token: torch.Tensor, steps: int) -> list[float]:
 @torch.no_grad()
 def compare_speed(
     model, baseline, context: int, batch: int = 1, steps: int = 8, rounds: int = 3, vocab: int | None = None,
-    seed: int = 0, cache: str = "dynamic",
+    seed: int = 0, cache: str = "dynamic", compile: bool = False,
 ) -> SpeedComparison:
     """Prefill ``context`` random tokens once per model, then ``rounds`` x ``steps`` greedy decode steps,
     the two models alternating round by round; the first step of each round is a warm-up and not counted.
@@ -89,9 +91,15 @@ def compare_speed(
 
     ``cache="dynamic"`` gives each model the cache ``generate()`` gives it by default (a ``DynamicCache``: the
     GQA baseline grows it with ``torch.cat``, the MLA model writes its latent in place); ``"static"`` gives
-    both a preallocated ``StaticCache``, so the comparison is of attention and weights alone."""
+    both a preallocated ``StaticCache``, so the comparison is of attention and weights alone.
+
+    ``compile=True`` (static cache only) decodes through ``torch.compile`` (CUDA graphs on a GPU), which
+    removes the per-kernel launch cost that dominates eager decoding of small batches on a GPU; three
+    untimed steps compile and capture first."""
     if cache not in CACHES:
         raise ValueError(f"cache must be one of {CACHES}")
+    if compile and cache != "static":
+        raise ValueError("compile needs the static cache (fixed shapes)")
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     vocab = vocab or model.config.vocab_size
@@ -100,7 +108,12 @@ def compare_speed(
     state = {}
     for name, m in (("model", model), ("baseline", baseline)):
         kv, tok, secs = _prefill(m, ids, _new_cache(m, cache, context + steps + 1))
-        state[name] = {"m": m, "cache": kv, "tok": tok, "prefill": secs, "steps": []}
+        step_fn = m
+        if compile:
+            step_fn = torch.compile(m, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+            _decode(step_fn, kv, tok, 3)
+            kv.crop(-3)
+        state[name] = {"m": step_fn, "cache": kv, "tok": tok, "prefill": secs, "steps": []}
     for _ in range(rounds):
         for name in ("model", "baseline"):
             s = state[name]
@@ -112,4 +125,4 @@ def compare_speed(
         step = statistics.median(s["steps"])
         points[name] = SpeedPoint(context=context, batch=batch, prefill_tok_s=batch * context / s["prefill"],
                                   decode_tok_s=batch / step, decode_ms_per_step=step * 1000)
-    return SpeedComparison(model=points["model"], baseline=points["baseline"], cache=cache)
+    return SpeedComparison(model=points["model"], baseline=points["baseline"], cache=cache, compiled=compile)

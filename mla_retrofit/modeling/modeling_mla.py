@@ -334,10 +334,12 @@ class MLARetrofitAttention(nn.Module):
         if cache is not None:
             latent, _ = cache.update(latent, latent[..., :0], self.layer_idx)
         mode = getattr(self, "attn_mode", "auto")
-        # Shapes only (no cache lengths, which are tensors in a static cache): short queries against a cache
-        # that holds more positions than the query use the absorbed form. torch.compile traces this branch.
+        # Shapes only (no cache lengths, which are tensors in a static cache, so torch.compile traces this):
+        # short queries against a cache holding more positions than the query use the absorbed form. Without
+        # a mask, several queries are a static cache's prefill: SDPA's causal flag (expanded form) fits that.
         use_absorbed = mode == "absorbed" or (
             mode == "auto" and latent.shape[2] > t and t <= self.config.absorb_max_q_len and not self.training
+            and (t == 1 or attention_mask is not None)
         )
         if use_absorbed:
             out = self.absorbed(q, q_rope, latent, attention_mask)
