@@ -138,6 +138,28 @@ def test_latent_cache_crop_beams_and_grad(converted):
     assert mla.model.layers[0].self_attn.kv_a_proj.weight.grad is not None
 
 
+def test_generate_stopping_early_reserves_nothing_ahead(converted):
+    """A long max_new_tokens that stops early must not hold the cache of tokens never generated."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAfter(StoppingCriteria):
+        def __init__(self, length):
+            self.length = length
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
+
+    mla = _load(converted("llama", 0.5))
+    ids = torch.randint(0, 512, (1, 10), generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        out = mla.generate(ids, max_new_tokens=400, do_sample=False, return_dict_in_generate=True,
+                           stopping_criteria=StoppingCriteriaList([StopAfter(30)]))
+    n = out.cache.get_seq_length()
+    assert out.sequences.shape[1] == 30 and n == 29
+    used = analytic_bytes(mla.config, n, 1, 4)
+    assert used <= measured_bytes(out.cache) <= analytic_bytes(mla.config, n + -(-n // 32), 1, 4)
+
+
 def test_gqa_cache_bytes_match_analytic(tiny_src):
     orig = AutoModelForCausalLM.from_pretrained(str(tiny_src("qwen2"))).eval()
     ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(5))

@@ -121,10 +121,11 @@ class LatentCacheLayer(DynamicLayer):
     ``DynamicLayer`` grows by ``torch.cat`` and so copies the whole cache at every decode step, which costs
     more than the attention that reads it. This layer writes new tokens into a buffer instead:
 
-    * under ``generate()`` the buffer is sized once for the whole generation (``capacity``, the same length
-      a static cache would get), so when generation runs to its length the bytes held equal the tokens held;
-    * otherwise it grows by 1/32 of its length at a time (at most ~3% head-room, and a decode step
-      copies ~32 tokens on average instead of the whole cache).
+    * it grows by 1/32 of its length at a time: at most ~3% head-room, and a decode step copies ~32 tokens
+      on average instead of the whole cache;
+    * under ``generate()`` growth stops at the run's length (``capacity``), so a generation that runs to its
+      length holds exactly the bytes of its tokens, and one that stops early holds at most ~3% more (the
+      buffer is never sized ahead for tokens that may not come).
 
     ``keys`` is always a view of exactly the tokens held. When anything outside ``update`` replaces ``keys``
     (beam reordering, batch selection, offloading) the next ``update`` adopts the new tensor; when gradients
@@ -157,11 +158,13 @@ class LatentCacheLayer(DynamicLayer):
         if self._owns_keys() and n + t <= self._buffer.shape[-2]:
             self._buffer[..., n : n + t, :].copy_(key_states)
             self.keys = self._buffer[..., : n + t, :]
-        elif n == 0 and (self.capacity or 0) <= t:
+        elif n == 0:
             self._buffer = self.keys = key_states.contiguous()
         else:
             size = n + t
-            capacity = self.capacity if n == 0 and self.capacity else size + -(-size // 32)
+            capacity = size + -(-size // 32)
+            if self.capacity and self.capacity >= size:
+                capacity = min(capacity, self.capacity)
             buf = key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1]))
             if n:
                 buf[..., :n, :].copy_(self.keys)
