@@ -289,6 +289,9 @@ def bench(
     speed_batch: int = typer.Option(1, help="Batch size for the speed runs."),
     speed_cache: str = typer.Option("dynamic", help="Speed runs with: dynamic (each model's generate() default cache), static (both preallocated), compiled (static + torch.compile; CUDA graphs on GPU); comma list."),
     decode_steps: int = typer.Option(8, help="Timed decode steps per round."),
+    device: str = typer.Option("auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N."),
+    weights_dtype: str = typer.Option("auto", help="Weights and activations: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."),
+    attn: str = typer.Option("auto", help="Attention kernels: auto (flash_attention_2 on CUDA when flash-attn is installed, else sdpa), sdpa, eager, flash_attention_2."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number to this JSON file."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG: cache vs context, decode tokens/s vs context."),
     lm_eval: Optional[str] = typer.Option(None, help="Comma list of lm-evaluation-harness tasks (needs lm_eval)."),
@@ -319,7 +322,8 @@ def bench(
         cfg = BenchConfig(model=model, baseline=baseline, kv_report=kv_report or none, fidelity=fidelity or none,
                           speed=speed or none, contexts=context, batches=batch, dtype=dtype, memory=memory, text=text,
                           eval_samples=eval_samples, eval_seq_len=eval_seq_len, speed_contexts=speed_context,
-                          speed_batch=speed_batch, speed_cache=speed_cache, decode_steps=decode_steps)
+                          speed_batch=speed_batch, speed_cache=speed_cache, decode_steps=decode_steps,
+                          device=device, weights_dtype=weights_dtype, attn=attn)
         with err_console.status("benchmarking") as status:
             result = run_bench(cfg, progress=lambda s: status.update(s), command=" ".join(["mla-retrofit"] + sys.argv[1:]))
         if lm_eval:
@@ -353,6 +357,10 @@ def _gib(n) -> str:
 
 
 def print_bench(result: dict) -> None:
+    rt = result.get("runtime")
+    if rt:
+        console.print(f"ran on {rt['device']}, {rt['weights_dtype']} weights, {rt['attn_implementation']} attention",
+                      highlight=False)
     rep = result.get("kv_report")
     if rep:
         if VERBOSITY["level"] >= 2:
@@ -401,6 +409,10 @@ def print_bench(result: dict) -> None:
                       f"{m['prefill_tok_s']:.0f} / {b['prefill_tok_s']:.0f}", f"{r['prefill_ratio']:.2f}x",
                       f"{m['decode_tok_s']:.1f} / {b['decode_tok_s']:.1f}", f"[bold]{r['decode_ratio']:.2f}x[/]")
         console.print(t)
+        if any(r.get("cache", "dynamic") == "dynamic" for r in sp):
+            console.print("dynamic: each model's default generate() cache (the GQA cache is re-concatenated every "
+                          "step, the MLA latent is written in place); --speed-cache static compares both on "
+                          "preallocated caches", style="dim", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -210,11 +210,12 @@ def resolve(name: str) -> Source:
     return Source(name=name, config=config, weights=weights, directory=directory, gguf_file=gguf)
 
 
-def _load_gguf_model(directory: Path, gguf: str, dtype: torch.dtype):
+def _load_gguf_model(directory: Path, gguf: str, dtype: torch.dtype, attn_implementation: str | None = None):
     from transformers import AutoModelForCausalLM
 
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf, dtype=dtype, **kwargs)
     except ImportError as e:
         raise UserError(f"loading GGUF needs the 'gguf' package ({e}); run: pip install gguf") from e
     except Exception as e:
@@ -230,7 +231,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, attn_implementatio
 
     directory, gguf = _locate(name)
     if gguf:
-        model = _load_gguf_model(directory, gguf, dtype)
+        model = _load_gguf_model(directory, gguf, dtype, attn_implementation)
     else:
         kwargs = {"dtype": dtype}
         if attn_implementation:

@@ -134,3 +134,26 @@ def test_unreachable_model_says_offline(monkeypatch, tmp_path):
 def test_missing_local_model(tmp_path):
     with pytest.raises(UserError, match="not found|does not exist"):
         Converter(_cfg(tmp_path / "nothing-here.gguf", tmp_path / "o"))
+
+
+def test_bench_runtime_choice_and_errors(monkeypatch):
+    from mla_retrofit.bench import run
+
+    cpu = run.runtime(run.BenchConfig(model="m", device="cpu"))
+    assert (cpu[0].type, cpu[1], cpu[2]) == ("cpu", torch.float32, "sdpa")
+    assert run.runtime(run.BenchConfig(model="m", device="cpu", weights_dtype="bfloat16", attn="eager"))[1:] == (
+        torch.bfloat16, "eager")
+    # On a CUDA machine the defaults are CUDA, bf16 and flash-attn when it is installed (simulated here).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(run, "flash_attn_available", lambda: True)
+    gpu = run.runtime(run.BenchConfig(model="m"))
+    assert (gpu[0].type, gpu[1], gpu[2]) == ("cuda", torch.bfloat16, "flash_attention_2")
+    assert run.runtime(run.BenchConfig(model="m", weights_dtype="float32"))[2] == "sdpa"  # flash-attn needs 16-bit
+    monkeypatch.setattr(run, "flash_attn_available", lambda: False)
+    assert run.runtime(run.BenchConfig(model="m"))[2] == "sdpa"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for kw, msg in ((dict(device="cuda"), "no CUDA device"), (dict(device="tpu"), "--device"),
+                    (dict(weights_dtype="int4"), "--weights-dtype"), (dict(attn="flash"), "--attn"),
+                    (dict(attn="flash_attention_2"), "flash-attn"), (dict(speed_cache="paged"), "--speed-cache")):
+        with pytest.raises(UserError, match=msg):
+            run.BenchConfig(model="m", **kw).validate()

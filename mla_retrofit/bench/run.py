@@ -3,6 +3,7 @@
 JSON schema (version 1), every section present only when it ran::
 
     {"schema": 1, "model": str, "baseline": str | null, "command": str, "machine": {...},
+     "runtime": {"device", "weights_dtype", "attn_implementation"},
      "kv_report": {"dtype": str, "dtype_bytes": int,
                    "per_layer": [{"layer", "rank", "rope_dim", "values", "baseline_values"}],
                    "values_per_token": {"model", "baseline"}, "bytes_per_token": {"model", "baseline"},
@@ -59,8 +60,21 @@ class BenchConfig:
     decode_rounds: int = 3
     generate_tokens: int = 16
     threads: int | None = None
+    device: str = "auto"  # auto: cuda when available, else cpu
+    weights_dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    attn: str = "auto"  # auto: flash_attention_2 on cuda when flash-attn is installed, else sdpa
 
     def validate(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise UserError(f"--device must be auto, cpu or cuda[:N] (got {self.device})")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {self.device}: no CUDA device is visible here; use --device cpu")
+        if self.weights_dtype not in WEIGHT_DTYPES:
+            raise UserError(f"--weights-dtype must be one of {', '.join(WEIGHT_DTYPES)} (got {self.weights_dtype})")
+        if self.attn not in ("auto", "sdpa", "eager", "flash_attention_2"):
+            raise UserError(f"--attn must be auto, sdpa, eager or flash_attention_2 (got {self.attn})")
+        if self.attn == "flash_attention_2" and not flash_attn_available():
+            raise UserError("--attn flash_attention_2 needs flash-attn: pip install 'mla-retrofit[flash]' (CUDA only)")
         if self.dtype.lower() not in kv.DTYPE_BYTES:
             raise UserError(f"--dtype must be one of {', '.join(kv.DTYPE_BYTES)}")
         for name in ("contexts", "batches", "speed_contexts"):
@@ -76,6 +90,26 @@ class BenchConfig:
             kv.parse_size(self.memory)
         except ValueError as e:
             raise UserError(f"--memory must look like 80GB or 24GiB ({e})") from e
+
+
+WEIGHT_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def flash_attn_available() -> bool:
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def runtime(cfg: BenchConfig) -> tuple[torch.device, torch.dtype, str]:
+    """Where and how the models run: CUDA when present (bf16, flash-attn when installed), else CPU float32."""
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    dtype = WEIGHT_DTYPES[cfg.weights_dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    attn = cfg.attn
+    if attn == "auto":
+        attn = "flash_attention_2" if device.type == "cuda" and dtype != torch.float32 and flash_attn_available() else "sdpa"
+    return device, dtype, attn
 
 
 def default_baseline(model_dir: str) -> str | None:
@@ -124,7 +158,8 @@ def kv_report(cfg: BenchConfig, model, baseline, tokenizer) -> dict:
            "max_batch": [{"context": t, "model": kv.largest_fit(c, memory, weights, dtype_bytes, context=t),
                           "baseline": kv.largest_fit(baseline.config, memory, bweights, dtype_bytes, context=t)
                           if baseline is not None else None} for t in contexts]}
-    prompt = tokenizer("The key-value cache of a transformer holds", return_tensors="pt")["input_ids"]
+    device = next(model.parameters()).device
+    prompt = tokenizer("The key-value cache of a transformer holds", return_tensors="pt")["input_ids"].to(device)
     measured = {"model": asdict(kv.measure_generate(model, prompt, cfg.generate_tokens))}
     if baseline is not None:
         measured["baseline"] = asdict(kv.measure_generate(baseline, prompt, cfg.generate_tokens))
@@ -141,12 +176,15 @@ def run_bench(cfg: BenchConfig, progress=None, command: str | None = None) -> di
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     baseline_name = cfg.baseline or default_baseline(cfg.model)
-    say("loading models")
-    model = load_model(cfg.model)
-    baseline = load_model(baseline_name) if baseline_name else None
+    device, dtype, attn = runtime(cfg)
+    say(f"loading models ({device}, {str(dtype).removeprefix('torch.')}, {attn})")
+    model = load_model(cfg.model, dtype, attn).to(device)
+    baseline = load_model(baseline_name, dtype, attn).to(device) if baseline_name else None
     tokenizer = load_tokenizer(cfg.model)
     result: dict = {"schema": SCHEMA_VERSION, "model": cfg.model, "baseline": baseline_name,
-                    "command": command or " ".join(sys.argv), "machine": machine(), "config": asdict(cfg)}
+                    "command": command or " ".join(sys.argv), "machine": machine(), "config": asdict(cfg),
+                    "runtime": {"device": str(device), "weights_dtype": str(dtype).removeprefix("torch."),
+                                "attn_implementation": attn}}
     if cfg.kv_report:
         say("kv report")
         result["kv_report"] = kv_report(cfg, model, baseline, tokenizer)
@@ -155,6 +193,7 @@ def run_bench(cfg: BenchConfig, progress=None, command: str | None = None) -> di
             raise UserError("fidelity needs a baseline: pass --baseline ORIGINAL_MODEL")
         say("fidelity")
         ids = data.token_windows(data.texts(cfg.text, tokenizer), tokenizer, cfg.eval_samples, cfg.eval_seq_len)
+        ids = ids.to(device)
         result["fidelity"] = {"text": cfg.text, **fid.compare(model, baseline, ids).as_dict()}
     if cfg.speed:
         if baseline is None:
