@@ -166,8 +166,7 @@ class LatentCacheLayer(DynamicLayer):
             if self.capacity and self.capacity >= size:
                 capacity = min(capacity, self.capacity)
             buf = key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1]))
-            if n:
-                buf[..., :n, :].copy_(self.keys)
+            buf[..., :n, :].copy_(self.keys)
             buf[..., n:size, :].copy_(key_states)
             self._buffer, self.keys = buf, buf[..., :size, :]
         self.values = torch.cat([self.values, value_states], dim=-2)  # zero-width: no bytes move
@@ -307,7 +306,7 @@ class MLARetrofitAttention(nn.Module):
         # All heads read one cached tensor: fold heads into the query axis (one "head" of H*T queries).
         q_abs = q_abs.transpose(1, 2).reshape(b, 1, t * h, -1)
         mask = attention_mask
-        if mask is None and t > 1:
+        if mask is None and t > 1:  # only when forced (attn_mode="absorbed"): a dynamic cache, queries last
             mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)[None, None]
         if mask is not None:
             mask = mask[:, :, -t:, :].repeat_interleave(h, dim=2)
@@ -473,7 +472,8 @@ class MLARetrofitForCausalLM(MLARetrofitPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """As ``GenerationMixin``'s, then the cache's layers become in-place latent layers sized for the run."""
+        """As ``GenerationMixin``'s, then the cache's layers become in-place latent layers that never grow
+        past the run's length (``max_cache_length``)."""
         out = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         capacity = kwargs.get("max_cache_length", args[-1] if args and isinstance(args[-1], int) else None)
         use_latent_layers(model_kwargs.get("cache"), capacity)
