@@ -6,7 +6,7 @@
    conversion reproduces the original's logits; cached greedy decode equals the full forward; absorbed
    equals expanded attention; static and dynamic caches generate the same tokens; measured cache bytes
    after generate() equal the analytic figure; bf16 runs and its KL to fp32 is reported.
-2. Healing on CUDA: a few steps of all three phases through the single-process engine, then resume.
+2. Healing on CUDA: a few steps of all three phases (default engine: accelerate, one process), then resume.
 3. Speed: random-init models with Llama-3-8B's shape (GQA, 8 KV heads) and its MLA form at half the KV
    cache (rank 960 + 64 RoPE dims per layer), bf16, alternated in one run by ``compare_speed``, with each
    model's default (dynamic) cache, with preallocated static caches, and static caches decoded through
