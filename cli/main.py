@@ -194,75 +194,6 @@ def pick(kind: str, given: Optional[str], what: str) -> str:
     return found
 
 
-@app.command()
-def heal(
-    ctx: typer.Context,
-    model: Optional[str] = typer.Argument(None, help="Converted checkpoint (default: the last 'convert' here)."),
-    out: Optional[Path] = typer.Argument(None, help="Output directory (default: MODEL-healed)."),
-    teacher: Optional[str] = typer.Option(None, help="Original model (default: from conversion.json)."),
-    data: str = typer.Option("HuggingFaceTB/smoltalk", help="Hub dataset id, local .jsonl/.parquet/.txt, or builtin-chat."),
-    tokens: Optional[int] = typer.Option(None, help="Total training tokens over all phases."),
-    steps: Optional[int] = typer.Option(None, help="Total optimizer steps over all phases (instead of --tokens)."),
-    split: str = typer.Option("0.25,0.5,0.25", help="Budget split over the 3 phases; 0 skips a phase."),
-    preset: Optional[str] = typer.Option(None, help="cpu-demo | gpu-7b: budget and batch defaults."),
-    seq_len: Optional[int] = typer.Option(None, help="Packed sequence length."),
-    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch."),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
-    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
-    resume: bool = typer.Option(False, help="Continue an interrupted heal from its last checkpoint."),
-    distill: float = typer.Option(0.0, help="Phase 2: weight of KL to the teacher's logits."),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
-                                                          help="Trade compute for memory (default: the preset's)."),
-    dry_run: bool = typer.Option(False, help="Print the plan and exit."),
-    seed: int = typer.Option(0, help="Random seed."),
-    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
-    config: Optional[Path] = typer.Option(None, help="YAML/JSON file with these options (flags win)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-) -> None:
-    """Heal a converted model: layerwise imitation, MLA-only fine-tune, full fine-tune.
-
-    Examples:
-
-      mla-retrofit heal                                   # the last conversion, SmolTalk
-
-      mla-retrofit heal out/ healed/ --data chats.jsonl --tokens 50000000
-
-      mla-retrofit heal --preset cpu-demo --data builtin-chat
-    """
-    from mla_retrofit.heal import HealConfig, heal as run_heal
-
-    with user_errors():
-        model_dir = pick("convert", model, "converted model")
-        out_dir = out or Path(f"{model_dir.rstrip('/')}-healed")
-        names = {f.name for f in fields(HealConfig)}
-        local = dict(locals())
-        values = {k: local[k] for k in names if k in local and k not in ("model", "output")}
-        values["split"] = tuple(float(x) for x in split.split(","))
-        values = merge_config_file(ctx, config, values)
-        if isinstance(values.get("split"), str):
-            values["split"] = tuple(float(x) for x in values["split"].split(","))
-        cfg = HealConfig(model=model_dir, output=str(out_dir), **values)
-        with progress_bar() as bar:
-            tasks = {}
-
-            def progress(phase: str, step: int, total: int, metrics: dict | None = None) -> None:
-                if phase not in tasks:
-                    tasks[phase] = bar.add_task(phase, total=total, extra="")
-                extra = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in (metrics or {}).items())
-                bar.update(tasks[phase], completed=step, extra=extra)
-
-            result = run_heal(cfg, progress)
-        if dry_run:
-            typer.echo(json.dumps(_plain(result), default=str) if json_out else result.plan.describe())
-            return
-        state.record("heal", str(out_dir), source=model_dir)
-        if json_out:
-            typer.echo(json.dumps(_plain(result), default=str))
-        else:
-            info(f"healed model written to {out_dir}; next: mla-retrofit bench --kv-report")
-
-
 def _plain(obj):
     try:
         return asdict(obj)
@@ -496,6 +427,8 @@ def inspect(
             t.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
         console.print(t)
 
+
+from . import heal_cmd  # noqa: E402,F401  (registers 'heal' on the app)
 
 if __name__ == "__main__":
     app()

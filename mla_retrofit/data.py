@@ -9,6 +9,11 @@ need no download:
   sections shipped as ``pydoc_data.topics``; no calibration text comes from it.
 * ``builtin-chat`` (healing): ``messages`` records built from the same
   docstrings (user asks what an API does, assistant answers with its docs).
+
+These three are one domain (Python documentation). The healing default of the
+CPU preset is therefore ``teacher-samples``: text sampled from the original
+model itself (``heal.samples``), which leaks neither the calibration nor any
+evaluation text.
 """
 
 from __future__ import annotations
@@ -88,7 +93,8 @@ def builtin_chat() -> list[list[dict]]:
     return records
 
 
-def read_records(spec: str, split: str = "train", config: str | None = None) -> list[dict]:
+def read_records(spec: str, split: str = "train", config: str | None = None, max_rows: int = 20000,
+                 seed: int = 0) -> list[dict]:
     """Rows of a local JSONL/JSON/Parquet file or a Hub dataset; a ``.txt`` file gives one ``text`` row."""
     path = Path(spec).expanduser()
     if path.suffix in (".txt", ".md"):
@@ -112,10 +118,11 @@ def read_records(spec: str, split: str = "train", config: str | None = None) -> 
             raise UserError(f"{path} is not valid JSON/JSONL ({e})") from e
     if path.exists():
         raise UserError(f"{path}: unsupported data file type; use .jsonl, .json, .parquet or .txt")
-    return _hub_records(spec, split, config)
+    return _hub_records(spec, split, config, max_rows, seed)
 
 
-def _hub_records(dataset_id: str, split: str, config: str | None) -> list[dict]:
+def _hub_records(dataset_id: str, split: str, config: str | None, max_rows: int, seed: int) -> list[dict]:
+    """``max_rows`` rows streamed from a Hub dataset, shuffled across it (a seeded buffer over shuffled shards)."""
     from .sources import hub_reachable
 
     if "/" not in dataset_id:
@@ -131,7 +138,7 @@ def _hub_records(dataset_id: str, split: str, config: str | None) -> list[dict]:
         if config is None and dataset_id == SMOLTALK:
             config = "all"
         ds = datasets.load_dataset(dataset_id, config, split=split, streaming=True)
-        return list(ds.take(20000))
+        return list(ds.shuffle(seed=seed, buffer_size=10_000).take(max_rows))
     except Exception as e:
         raise UserError(
             f"cannot load dataset '{dataset_id}' ({type(e).__name__}); offline? "
@@ -180,13 +187,16 @@ def _check_messages(messages) -> None:
         raise UserError("column 'messages' must be a list of {role, content} objects (the SmolTalk schema)")
 
 
-def chat_records(spec: str) -> list[list[dict]]:
-    """Conversations (``messages`` lists) for healing; plain-text rows become one assistant turn."""
+TEACHER_SAMPLES = "teacher-samples"  # healing data sampled from the teacher itself (see ``heal.samples``)
+
+
+def heal_records(spec: str, max_rows: int = 20000, seed: int = 0) -> list:
+    """Healing records: conversations (``messages`` lists) or plain texts (``str``), as the data holds them."""
     if spec == "builtin-chat":
         return builtin_chat()
     if spec in ("builtin", "builtin-eval"):
-        return [[{"role": "assistant", "content": t}] for t in builtin_texts(spec)]
-    rows = read_records(spec)
+        return builtin_texts(spec)
+    rows = read_records(spec, max_rows=max_rows, seed=seed)
     if not rows:
         raise UserError(f"dataset '{spec}' is empty")
     if "messages" in rows[0]:
@@ -196,7 +206,24 @@ def chat_records(spec: str) -> list[list[dict]]:
     col = next((c for c in TEXT_COLUMNS if c in rows[0]), None)
     if col is None:
         raise UserError(f"dataset '{spec}' has columns {sorted(rows[0])}; expected a 'messages' (or 'text') column")
-    return [[{"role": "assistant", "content": str(r[col])}] for r in rows if str(r[col]).strip()]
+    texts_ = [str(r[col]) for r in rows if str(r[col]).strip()]
+    if Path(spec).suffix in (".txt", ".md"):
+        texts_ = [part for t in texts_ for part in sections(t)]
+    return texts_
+
+
+def sections(text: str, size: int = 8000) -> list[str]:
+    """A long plain text cut at paragraph breaks into sections of about ``size`` characters (a dev split needs
+    more than one document)."""
+    out, current = [], []
+    for para in text.split("\n\n"):
+        current.append(para)
+        if sum(len(p) for p in current) >= size:
+            out.append("\n\n".join(current))
+            current = []
+    if current and "".join(current).strip():
+        out.append("\n\n".join(current))
+    return out
 
 
 def token_windows(texts_: list[str], tokenizer, n: int, seq_len: int, eos: bool = True):

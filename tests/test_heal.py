@@ -19,6 +19,7 @@ from mla_retrofit.errors import UserError  # noqa: E402
 from mla_retrofit.heal import HealConfig, heal  # noqa: E402
 from mla_retrofit.heal import models, recipe  # noqa: E402
 from mla_retrofit.heal.config import PRESETS  # noqa: E402
+from mla_retrofit.heal.gate import DevScore  # noqa: E402
 from mla_retrofit.heal.data import PackedStream, encode, mask_mode  # noqa: E402
 from mla_retrofit.heal.plan import make_plan, split_steps  # noqa: E402
 from mla_retrofit.heal.recipe import lr_lambda  # noqa: E402
@@ -38,7 +39,7 @@ def mla_dir(tmp_path_factory) -> Path:
 
 def config(mla_dir: Path, out: Path, **kw) -> HealConfig:
     base = dict(model=str(mla_dir), output=str(out), data="builtin-chat", steps=4, seq_len=32, batch_size=2,
-                grad_accum=1, lr=1e-3, warmup_fraction=0.0, save_every=0)
+                grad_accum=1, lr=1e-3, warmup_fraction=0.0, save_every=0, keep_last=True, dev_windows=2)
     return HealConfig(**{**base, **kw})
 
 
@@ -95,6 +96,8 @@ def watch_models(monkeypatch, rec: Recorder, keep: dict) -> None:
 
     monkeypatch.setattr(models, "load_student", student)
     monkeypatch.setattr(models, "load_teacher", teacher)
+    # the fidelity gate would run both models: these tests count what the *training* runs
+    monkeypatch.setattr(recipe, "dev_score", lambda *a, **k: DevScore(kl=0.0, top1=1.0, tokens=1))
 
 
 # -- what each phase trains --------------------------------------------------------------------------
@@ -106,11 +109,11 @@ def test_each_phase_updates_exactly_its_parameters(mla_dir, tmp_path, monkeypatc
     before = weights(mla_dir)
     watch_models(monkeypatch, Recorder(), keep)
     heal(config(mla_dir, tmp_path / "out", split=split, steps=2))
-    trained_in_memory = keep["students"][0].state_dict()  # the instance the phase trained
+    trained_in_memory = keep["students"][1].state_dict()  # the instance the phase trained (0: the input score)
     for after in (weights(tmp_path / "out"), trained_in_memory):
         assert before.keys() == after.keys()
         for name in before:
-            should_change = trained == "all" or models.is_attention(name)
+            should_change = models.trains_in_full(name) if trained == "all" else models.is_attention(name)
             changed = not torch.equal(before[name], after[name])
             assert changed == should_change, f"{name}: changed={changed}, expected {should_change}"
     if "teacher" in keep:  # the teacher is never modified
@@ -158,24 +161,26 @@ def test_phase1_runs_attention_only_never_the_mla_model(mla_dir, tmp_path, monke
 def test_phase2_never_runs_the_original_attention(mla_dir, tmp_path, monkeypatch):
     rec = Recorder()
     watch_models(monkeypatch, rec, {})
-    heal(config(mla_dir, tmp_path / "out", split=(0, 1, 0), steps=2))
-    assert rec.count("teacher") == 0
+    heal(config(mla_dir, tmp_path / "out", split=(0, 1, 0), steps=2, distill=0.0, ce_weight=1.0))
+    assert rec.count("teacher") == 0  # next-token loss only: the teacher is not run
     assert rec.count("student.full") > 0
 
 
 def test_phase2_distill_uses_only_the_teachers_full_forward(mla_dir, tmp_path, monkeypatch):
     rec, seen = Recorder(), []
     watch_models(monkeypatch, rec, {})
-    heal(config(mla_dir, tmp_path / "out", split=(0, 1, 0), steps=2, distill=0.5),
-         progress=lambda phase, step, total, metrics: seen.append(metrics))
-    assert rec.calls["teacher.full"] == 2
-    assert rec.calls["teacher.attn.0"] == rec.calls["teacher.full"]  # attention only inside the full forward
+    heal(config(mla_dir, tmp_path / "out", split=(0, 1, 0), steps=2, distill=0.5, ce_weight=1.0),
+         progress=lambda phase, step, total, metrics: seen.append(metrics) if phase == "mla-only" else None)
+    assert rec.calls["teacher.attn.0"] == 2  # one teacher forward per step, for its logits
+    assert len(seen) == 2
     assert all(m["kl"] > 0 and m["loss"] == pytest.approx(m["ce"] + 0.5 * m["kl"], rel=1e-5) for m in seen)
 
 
 # -- resume ------------------------------------------------------------------------------------------
-def metrics_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def metrics_log(out: Path, evals: bool = False) -> list[dict]:
+    """The training lines of metrics.jsonl (with ``evals``: the gate's lines too)."""
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if evals or "loss" in m]
 
 
 def interrupt_at(phase: str, step: int, error: type[BaseException] = KeyboardInterrupt):
@@ -228,14 +233,16 @@ def test_rerunning_a_finished_heal_does_nothing(mla_dir, healed):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(mla_dir, tmp_path, monkeypatch):
-    real, calls = recipe.next_token_loss, []
+    real, calls = recipe.distill_sums, []
 
     def flaky(*args):
         calls.append(1)
-        loss = real(*args)
-        return loss * float("nan") if len(calls) == 3 else loss
+        sums = real(*args)
+        if len(calls) == 3:
+            sums.kl = sums.kl * float("nan")
+        return sums
 
-    monkeypatch.setattr(recipe, "next_token_loss", flaky)
+    monkeypatch.setattr(recipe, "distill_sums", flaky)
     out = tmp_path / "out"
     with pytest.raises(UserError, match="loss is nan at phase 2 .* step 3"):
         heal(config(mla_dir, out, split=(0, 1, 0), steps=4, save_every=1))
@@ -264,8 +271,8 @@ def test_missing_teacher_is_a_one_line_user_error(mla_dir, tmp_path):
     with pytest.raises(UserError) as err:
         heal(config(model, tmp_path / "out"))
     assert "--teacher" in str(err.value) and "\n" not in str(err.value)
-    plan = heal(config(model, tmp_path / "out", split=(0, 1, 1), dry_run=True)).plan  # no teacher needed
-    assert plan.teacher is None
+    with pytest.raises(UserError, match="--teacher"):  # every phase and the fidelity gate need the teacher
+        heal(config(model, tmp_path / "out", split=(0, 1, 1), dry_run=True))
 
 
 def test_dry_run_plans_and_trains_nothing(mla_dir, tmp_path, monkeypatch):
@@ -275,8 +282,8 @@ def test_dry_run_plans_and_trains_nothing(mla_dir, tmp_path, monkeypatch):
     p = result.plan
     assert [x.steps for x in p.phases] == [2, 4, 2] and p.total_tokens == 8 * 2 * 32
     counts = models.param_counts(str(mla_dir))
-    assert [x.trainable_params for x in p.phases] == [counts["attention"]] * 2 + [counts["total"]]
-    assert 0 < counts["attention"] < counts["total"]
+    assert [x.trainable_params for x in p.phases] == [counts["attention"]] * 2 + [counts["full"]]
+    assert 0 < counts["attention"] < counts["full"] < counts["total"]  # phase 3 keeps embeddings and head
     assert "phase 3 full" in p.describe()
 
 
@@ -349,8 +356,8 @@ def test_assistant_mask_fallback_masks_all_but_the_last_answer():
 def test_packed_stream_is_deterministic_and_exact_length():
     tok = tiny_tokenizer()
     records = [CHAT, CHAT[:2], [{"role": "assistant", "content": "plain text " * 30}]]
-    a_ids, a_mask = PackedStream(records, tok, 16, seed=1).take(9)
-    b_ids, b_mask = PackedStream(records, tok, 16, seed=1).take(9)
+    a_ids, _, a_mask = PackedStream(records, tok, 16, seed=1).take(9)
+    b_ids, _, b_mask = PackedStream(records, tok, 16, seed=1).take(9)
     assert a_ids.shape == (9, 16) and torch.equal(a_ids, b_ids) and torch.equal(a_mask, b_mask)
     assert a_mask.any() and not a_mask.all()
     with pytest.raises(UserError, match="assistant"):

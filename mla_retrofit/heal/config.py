@@ -9,32 +9,37 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from ..data import SMOLTALK
+from ..data import SMOLTALK, TEACHER_SAMPLES
 from ..errors import UserError
 
 PHASES = ("imitate", "mla-only", "full")  # the three healing phases, in order
 
 #: Defaults filled in when neither the user nor the preset sets a field.
 BASE: dict = dict(
-    steps=300, seq_len=1024, batch_size=4, grad_accum=4, lr=5e-5, full_lr_scale=0.2,
-    warmup_fraction=0.05, save_every=100,
+    data=SMOLTALK, steps=300, seq_len=1024, batch_size=4, grad_accum=4, lr=5e-5, full_lr_scale=0.2,
+    warmup_fraction=0.05, save_every=100, full_ce_weight=0.0, samples=512,
 )
 
-#: ``cpu-demo``: SmolLM2-135M on a 2-core CPU in under 20 minutes (96 steps of 2 x 256 tokens).
-#: ``gpu-7b``: a starting point for 7B models on one 8-GPU node (``accelerate launch``); not tuned.
+#: ``cpu-demo``: SmolLM2-135M on a 2-core CPU, fully offline, distilling on text sampled from the
+#: teacher (docs/benchmarks.md has its wall time and effect).
+#: ``gpu-7b``: a distillation budget for 7B models on one 8-GPU node (``accelerate launch``); SmolTalk
+#: when the Hub is reachable, with a little next-token loss in phase 3. Not checked on a GPU yet.
 PRESETS: dict[str, dict] = {
     "cpu-demo": dict(
-        steps=96, seq_len=256, batch_size=2, grad_accum=1, lr=1e-4, full_lr_scale=0.2,
-        warmup_fraction=0.1, save_every=24,
+        data=TEACHER_SAMPLES, samples=192, steps=160, seq_len=256, batch_size=4, grad_accum=1, lr=1e-4,
+        full_lr_scale=0.2, warmup_fraction=0.1, save_every=20,
     ),
     "gpu-7b": dict(
-        tokens=200_000_000, seq_len=2048, batch_size=4, grad_accum=8, lr=5e-5, full_lr_scale=0.2,
-        warmup_fraction=0.03, save_every=200, gradient_checkpointing=True,
+        tokens=500_000_000, seq_len=2048, batch_size=4, grad_accum=8, lr=5e-5, full_lr_scale=0.2,
+        warmup_fraction=0.03, save_every=200, gradient_checkpointing=True, full_ce_weight=0.1,
     ),
 }
 
 #: Fields that may change between an interrupted run and its resumption.
-RESUME_FREE = ("resume", "overwrite", "dry_run", "save_every", "log_every", "keep_checkpoints", "engine", "cleanup")
+RESUME_FREE = ("resume", "overwrite", "dry_run", "save_every", "log_every", "keep_checkpoints", "engine", "cleanup",
+               "eval_every")
+FILLED = ("data", "seq_len", "batch_size", "grad_accum", "lr", "full_lr_scale", "warmup_fraction", "save_every",
+          "gradient_checkpointing", "full_ce_weight", "samples")
 
 
 @dataclass
@@ -42,7 +47,7 @@ class HealConfig:
     model: str  # a converted MLA checkpoint directory
     output: str
     teacher: str | None = None  # None: conversion.json's source_model
-    data: str = SMOLTALK
+    data: str | None = None  # None: the preset's (cpu-demo: teacher-samples), else SmolTalk
     tokens: int | None = None  # total budget over all phases (or ``steps``)
     steps: int | None = None
     split: tuple[float, float, float] = (0.25, 0.5, 0.25)
@@ -59,7 +64,21 @@ class HealConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     resume: bool = False
-    distill: float = 0.0  # phase 2: weight of KL(teacher || model) on the answer tokens
+    distill: float = 1.0  # phases 2 and 3: weight of KL(teacher || student), every position, full vocabulary
+    ce_weight: float = 0.0  # phase 2: weight of next-token loss on the target tokens
+    full_ce_weight: float | None = None  # phase 3: the same (gpu-7b: 0.1 on instruction data)
+    loss_chunk: int = 1024  # tokens per slice of the chunked KL (no full B x T x V float32 tensor)
+    dev_fraction: float = 0.05  # share of the training documents held out as the dev split of the gate
+    dev_windows: int = 8  # dev windows of seq_len tokens scored by the gate
+    eval_every: int = 0  # also score the dev split every N steps inside a phase (0: only at phase ends)
+    keep_last: bool = False  # keep a phase even when it makes the dev KL worse
+    refit: bool = False  # closed-form refit of every o_proj toward the teacher's residual stream, before phase 1
+    refit_windows: int = 16  # training windows the refit solves on
+    refit_ridge: float = 1e-2  # ridge toward the current weights, relative to the mean input energy
+    max_rows: int = 20000  # rows sampled (shuffled) from a Hub dataset
+    samples: int | None = None  # teacher-samples: how many texts to sample from the teacher
+    sample_tokens: int | None = None  # teacher-samples: new tokens per text (default: seq_len)
+    sample_top_p: float = 1.0  # teacher-samples: nucleus mass at temperature 1 (1.0: plain sampling)
     gradient_checkpointing: bool | None = None
     dry_run: bool = False
     seed: int = 0
@@ -72,14 +91,15 @@ class HealConfig:
         self.validate()
         preset = PRESETS.get(self.preset or "", {})
         values = {}
-        for name in ("seq_len", "batch_size", "grad_accum", "lr", "full_lr_scale", "warmup_fraction",
-                     "save_every", "gradient_checkpointing"):
+        for name in FILLED:
             if getattr(self, name) is None:
                 values[name] = preset.get(name, BASE.get(name, False))
         if self.tokens is None and self.steps is None:
             values["tokens"] = preset.get("tokens")
             values["steps"] = preset.get("steps", BASE["steps"] if "tokens" not in preset else None)
         out = replace(self, split=tuple(float(s) for s in self.split), **values)
+        if out.sample_tokens is None:
+            out = replace(out, sample_tokens=out.seq_len)
         out.validate()
         return out
 
@@ -89,14 +109,24 @@ class HealConfig:
         if self.tokens is not None and self.steps is not None:
             raise UserError("give either --tokens or --steps as the budget, not both")
         _positive(self, ("tokens", "steps", "seq_len", "batch_size", "grad_accum", "lr", "keep_checkpoints",
-                         "log_every", "full_lr_scale"))
+                         "log_every", "full_lr_scale", "loss_chunk", "dev_windows", "max_rows", "samples", "refit_windows",
+                         "sample_tokens"))
         if self.seq_len is not None and self.seq_len < 8:
             raise UserError(f"--seq-len must be at least 8, got {self.seq_len}")
         _check_split(self.split)
         if self.warmup_fraction is not None and not 0 <= self.warmup_fraction < 1:
             raise UserError(f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}")
-        if self.distill < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
-            raise UserError("--distill, --max-grad-norm and --weight-decay must be >= 0")
+        for name in ("distill", "ce_weight", "full_ce_weight", "max_grad_norm", "weight_decay", "eval_every",
+                     "refit_ridge"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        if self.distill == 0 and self.ce_weight == 0 and self.split[1] > 0:
+            raise UserError("phase 2 has no objective: --distill and --ce-weight are both 0")
+        if not 0 <= self.dev_fraction < 0.5:
+            raise UserError(f"--dev-fraction must be in [0, 0.5), got {self.dev_fraction}")
+        if not 0 < self.sample_top_p <= 1:
+            raise UserError(f"--sample-top-p must be in (0, 1], got {self.sample_top_p}")
         if self.save_every is not None and self.save_every < 0:
             raise UserError(f"--save-every must be >= 0, got {self.save_every}")
         if self.engine not in ("auto", "accelerate", "torch"):
@@ -120,6 +150,14 @@ def _positive(cfg: HealConfig, names: tuple[str, ...]) -> None:
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+
+
+def parse_split(split) -> tuple[float, float, float]:
+    """``"0.25,0.5,0.25"`` (or a list) -> three floats; a one-line error otherwise."""
+    if isinstance(split, str):
+        split = split.split(",")
+    _check_split(split)
+    return tuple(float(s) for s in split)
 
 
 def _check_split(split) -> None:

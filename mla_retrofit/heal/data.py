@@ -1,6 +1,8 @@
-"""Conversations -> packed token sequences with a mask of the tokens the loss is taken on.
+"""Healing data -> packed token windows that respect document borders.
 
-Which tokens are targets (``mask == 1``) depends on the tokenizer:
+A record is a conversation (a ``messages`` list) or a plain text (``str``).
+Which tokens of a conversation are next-token targets (``mask == 1``) depends on
+the tokenizer:
 
 * ``generation``: the chat template marks assistant text with ``{% generation %}``;
   every assistant turn is a target (``return_assistant_tokens_mask``).
@@ -11,13 +13,18 @@ Which tokens are targets (``mask == 1``) depends on the tokenizer:
 * ``plain``: no chat template; turns are written ``role: content`` and the last
   assistant content plus EOS are targets.
 
-Conversations without an assistant turn are skipped. Conversations are
-concatenated in a seeded random order and cut into sequences of exactly
-``seq_len`` tokens (no padding, no token dropped: a long conversation runs on
-into the next sequences, and a sequence may hold the end of one conversation
-and the start of the next; attention is not blocked between them). When the data runs out the order is
-reshuffled and the data repeats. The stream is a pure function of
-(records, tokenizer, seq_len, seed), which makes resuming exact.
+A plain text is tokenised as it is (plus EOS) and every token is a target.
+Conversations without an assistant turn are skipped. Distillation uses every
+position of a window whatever the mask.
+
+Documents are concatenated in a seeded random order and cut into windows of
+exactly ``seq_len`` tokens (no padding, no token dropped: a long document runs
+on into the next windows). Each window carries ``position_ids`` that restart at
+0 at every document start and at the window start; with no attention mask and
+no cache, transformers turns those into a block-diagonal causal mask, so no
+token attends across a document border. When the data runs out the order is
+reshuffled and the data repeats. The stream is a pure function of (records,
+tokenizer, seq_len, seed), which makes resuming exact.
 """
 
 from __future__ import annotations
@@ -83,19 +90,39 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-class PackedStream:
-    """The run's deterministic stream of packed sequences; :meth:`take` returns its first ``n``."""
+def encode_record(record, tokenizer, mode: str) -> tuple[list[int], list[int]]:
+    """Token ids and target mask of one record: a conversation (``list`` of messages) or a text (``str``)."""
+    if isinstance(record, str):
+        ids = list(tokenizer(record, add_special_tokens=False)["input_ids"])
+        ids += [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        return ids, [1] * len(ids)
+    return encode(record, tokenizer, mode)
 
-    def __init__(self, records: list[list[dict]], tokenizer, seq_len: int, seed: int):
+
+def split_dev(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, dev) records: a seeded ``fraction`` of them (at least one, never all) held out for the dev split."""
+    if fraction <= 0 or len(records) < 2:
+        return records, []
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    n_dev = min(len(records) - 1, max(1, round(fraction * len(records))))
+    dev = set(order[:n_dev])
+    return [r for i, r in enumerate(records) if i not in dev], [records[i] for i in sorted(dev)]
+
+
+class PackedStream:
+    """The run's deterministic stream of packed windows; :meth:`take` returns its first ``n``."""
+
+    def __init__(self, records: list, tokenizer, seq_len: int, seed: int):
         if not records:
-            raise UserError("the healing data holds no conversations")
+            raise UserError("the healing data holds no conversations or texts")
         self.records, self.tokenizer, self.seq_len, self.seed = records, tokenizer, seq_len, seed
         self.mode = mask_mode(tokenizer)
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.epochs = 0
 
     def _encoded(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if i not in self._cache:
-            ids, mask = encode(self.records[i], self.tokenizer, self.mode)
+            ids, mask = encode_record(self.records[i], self.tokenizer, self.mode)
             self._cache[i] = (torch.tensor(ids, dtype=torch.int32), torch.tensor(mask, dtype=torch.bool))
         return self._cache[i]
 
@@ -103,24 +130,29 @@ class PackedStream:
         g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
         return torch.randperm(len(self.records), generator=g).tolist()
 
-    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(ids [n, seq_len] int32, mask [n, seq_len] bool)``."""
-        need = n * self.seq_len
+    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ids [n, seq_len] int32, position_ids [n, seq_len] int32, mask [n, seq_len] bool)``."""
+        need, L = n * self.seq_len, self.seq_len
         ids = torch.empty(need, dtype=torch.int32)
+        pos = torch.empty(need, dtype=torch.int32)
         mask = torch.empty(need, dtype=torch.bool)
         filled, epoch = 0, 0
         while filled < need:
             before = filled
             for i in self._order(epoch):
                 rid, rmask = self._encoded(i)
-                k = min(len(rid), need - filled)
-                ids[filled : filled + k] = rid[:k]
-                mask[filled : filled + k] = rmask[:k]
-                filled += k
+                done = 0
+                while done < len(rid) and filled < need:  # a document may span several windows
+                    k = min(len(rid) - done, need - filled, L - filled % L)
+                    ids[filled : filled + k] = rid[done : done + k]
+                    mask[filled : filled + k] = rmask[done : done + k]
+                    pos[filled : filled + k] = torch.arange(k, dtype=torch.int32)
+                    filled, done = filled + k, done + k
                 if filled == need:
                     break
             if filled == before:
-                raise UserError("the healing data has no conversation with an assistant turn; check the 'messages' roles")
+                raise UserError("the healing data has no text and no conversation with an assistant turn; "
+                                "check the 'messages' roles")
             epoch += 1
         self.epochs = epoch
-        return ids.view(n, self.seq_len), mask.view(n, self.seq_len)
+        return ids.view(n, L), pos.view(n, L), mask.view(n, L)

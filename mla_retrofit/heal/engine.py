@@ -64,6 +64,10 @@ class Engine:
     def mean(self, value: torch.Tensor) -> float:
         return float(value)
 
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over processes (a copy on this process's device)."""
+        return value.detach().to(self.device, torch.float32).clone()
+
     def wait(self) -> None:
         pass
 
@@ -111,6 +115,9 @@ class AccelerateEngine(Engine):
 
     def mean(self, value: torch.Tensor) -> float:
         return float(self.acc.reduce(value.detach().to(self.device, torch.float32), "mean"))
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        return self.acc.reduce(value.detach().to(self.device, torch.float32).clone(), "sum")
 
     def wait(self) -> None:
         self.acc.wait_for_everyone()

@@ -1,5 +1,9 @@
 """The student (converted MLA model), the teacher (original model), and the pieces of them each phase trains.
 
+A student is a native MLA checkpoint (``convert``'s output, remote code) or a
+stock ``DeepseekV3ForCausalLM`` (``export --format deepseek``, engine form
+included); a heal writes the same format back.
+
 The MLA parameters are exactly the parameters under ``self_attn`` of each
 decoder layer. Phase 1 trains them through :class:`AttentionStack`, a module
 that holds only the MLA attentions under the student's own parameter names, so
@@ -17,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..checkpoint import save_mla_model
 from ..errors import UserError
 from ..modeling.configuration_mla import MLARetrofitConfig
 from ..modeling.modeling_mla import MLARetrofitForCausalLM
@@ -28,47 +33,95 @@ def is_attention(name: str) -> bool:
     return ".self_attn." in name
 
 
+def trains_in_full(name: str) -> bool:
+    return not any(part in name for part in FROZEN_IN_FULL)
+
+
 def set_trainable(module: nn.Module, phase: str) -> list[nn.Parameter]:
     """Freeze everything a phase does not train; returns the trainable parameters in a fixed order."""
     trainable = []
     for name, p in module.named_parameters():
-        p.requires_grad_(phase == "full" or is_attention(name))
+        p.requires_grad_(trains_in_full(name) if phase == "full" else is_attention(name))
         if p.requires_grad:
             trainable.append(p)
     return trainable
 
 
-def mla_config(directory: str) -> MLARetrofitConfig:
+STUDENT_TYPES = ("mla_retrofit", "deepseek_v3")
+FROZEN_IN_FULL = ("embed_tokens", "lm_head")  # phase 3 keeps the (often tied) embeddings and output head
+
+
+def student_type(directory: str) -> str:
+    """``mla_retrofit`` or ``deepseek_v3``; a one-line error for anything else."""
     cfg = Path(directory) / "config.json"
-    if not cfg.is_file() or json.loads(cfg.read_text()).get("model_type") != "mla_retrofit":
-        raise UserError(f"{directory} is not a converted MLA checkpoint; run 'mla-retrofit convert' first")
+    kind = json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else None
+    if kind not in STUDENT_TYPES:
+        raise UserError(f"{directory} is neither a converted MLA checkpoint nor a DeepSeek-V3 export; "
+                        "run 'mla-retrofit convert' (and optionally 'mla-retrofit export') first")
+    return kind
+
+
+def student_config(directory: str):
+    if student_type(directory) == "mla_retrofit":
+        return MLARetrofitConfig.from_pretrained(directory)
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config.from_pretrained(directory)
+
+
+def mla_config(directory: str) -> MLARetrofitConfig:
+    if student_type(directory) != "mla_retrofit":
+        raise UserError(f"{directory} is not a native MLA checkpoint (from 'mla-retrofit convert')")
     return MLARetrofitConfig.from_pretrained(directory)
 
 
-def load_student(directory: str) -> MLARetrofitForCausalLM:
-    """The converted model in float32 (the training master copy), SDPA attention."""
-    mla_config(directory)
-    model = MLARetrofitForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa")
+def load_student(directory: str):
+    """The student in float32 (the training master copy), SDPA attention."""
+    if student_type(directory) == "mla_retrofit":
+        model = MLARetrofitForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa")
+    else:
+        from transformers import DeepseekV3ForCausalLM
+
+        model = DeepseekV3ForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa")
     return model.train()
 
 
+def save_student(model, directory: Path, tokenizer, extra_files: dict[str, str]) -> None:
+    """Write the student in its own format (native MLA with its modeling code, or stock DeepSeek-V3)."""
+    if getattr(model.config, "model_type", None) == "mla_retrofit":
+        save_mla_model(model, directory, tokenizer, extra_files)
+        return
+    model.save_pretrained(str(directory))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    for name, text in extra_files.items():
+        (directory / name).write_text(text)
+
+
 def load_tokenizer(directory: str):
-    """The converted model's tokenizer (its config is MLA code shipped in the checkpoint, hence trusted)."""
+    """The student's tokenizer (a native checkpoint's config is MLA code shipped in it, hence trusted)."""
     from transformers import AutoTokenizer
 
-    mla_config(directory)
+    kind = student_type(directory)
     try:
-        return AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
+        return AutoTokenizer.from_pretrained(directory, trust_remote_code=kind == "mla_retrofit")
     except Exception as e:
         raise UserError(f"cannot load the tokenizer of {directory} ({e})") from e
 
 
 def param_counts(directory: str) -> dict[str, int]:
-    """``attention`` (MLA) and ``total`` parameter counts, from the config alone."""
+    """``attention`` (MLA), ``full`` (what phase 3 trains) and ``total`` parameter counts, from the config alone."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = student_config(directory)
     with torch.device("meta"):
-        model = MLARetrofitForCausalLM(mla_config(directory))
-    named = dict(model.named_parameters())
+        if isinstance(cfg, MLARetrofitConfig):
+            model = MLARetrofitForCausalLM(cfg)
+        else:
+            model = AutoModelForCausalLM.from_config(cfg)
+    named = dict(model.named_parameters())  # tied weights appear once
     return {"attention": sum(p.numel() for n, p in named.items() if is_attention(n)),
+            "full": sum(p.numel() for n, p in named.items() if trains_in_full(n)),
             "total": sum(p.numel() for p in named.values())}
 
 

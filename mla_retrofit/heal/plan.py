@@ -75,6 +75,11 @@ def split_steps(total: int, split: tuple[float, float, float]) -> list[int]:
     return [max(n, 1) if f > 0 else 0 for n, f in zip(steps, split)]
 
 
+def warmup_steps(fraction: float, steps: int) -> int:
+    """Warm-up steps of a phase: at least one whenever warm-up is asked for (a cold AdamW first step is large)."""
+    return 0 if fraction <= 0 else min(steps, max(1, int(fraction * steps)))
+
+
 def total_steps(cfg: HealConfig, world_size: int) -> int:
     if cfg.steps is not None:
         return cfg.steps
@@ -90,9 +95,9 @@ def make_plan(cfg: HealConfig, world_size: int, params: dict[str, int], teacher:
         if n == 0:
             continue
         lr = cfg.lr * (cfg.full_lr_scale if name == "full" else 1.0)
-        trainable = params["total"] if name == "full" else params["attention"]
+        trainable = params.get("full", params["total"]) if name == "full" else params["attention"]
         phases.append(PhasePlan(
-            index=i + 1, name=name, steps=n, lr=lr, warmup_steps=int(cfg.warmup_fraction * n),
+            index=i + 1, name=name, steps=n, lr=lr, warmup_steps=warmup_steps(cfg.warmup_fraction, n),
             sequences=n * per_step, tokens=n * per_step * cfg.seq_len, trainable_params=trainable,
             first_sequence=offset,
         ))

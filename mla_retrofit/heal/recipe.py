@@ -8,16 +8,21 @@ Phase 1 (``imitate``): the teacher runs once per batch; hooks record each
 layer's attention input (``input_layernorm`` output) and output; the MLA
 attention of the same layer gets the same input and is trained to match
 (loss: per-layer MSE over the target's mean square, summed over layers).
-Phase 2 (``mla-only``): next-token loss on the answer tokens (plus
-``distill`` x KL to the teacher's logits), only MLA parameters train.
-Phase 3 (``full``): every parameter trains, lr scaled by ``full_lr_scale``.
+Phase 2 (``mla-only``): ``distill`` x KL(teacher || student) on every position
+(the teacher runs on the fly) plus ``ce_weight`` x next-token loss on the
+target tokens; only MLA parameters train.
+Phase 3 (``full``): the same objective (``full_ce_weight``), every parameter
+but the embeddings and the output head trains, lr scaled by ``full_lr_scale``.
+
+The fidelity gate (``gate``) scores the student against the teacher on a dev
+split held out of the training text, before training and after every phase;
+a phase that ends worse than the best so far is dropped (its end checkpoint
+holds the weights it started from) unless ``keep_last``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
 import shutil
 import time
@@ -31,28 +36,23 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .. import __version__
-from ..checkpoint import save_mla_model
-from ..data import chat_records
+from ..data import TEACHER_SAMPLES, heal_records
 from ..errors import UserError
-from . import models
+from . import models, samples
 from .config import HealConfig
-from .data import PackedStream
-from .engine import Engine, make_engine, rng_state, seed_everything, set_rng_state
-from .losses import distill_loss, imitation_loss, next_token_loss
+from .data import PackedStream, split_dev
+from .engine import make_engine, rng_state, seed_everything, set_rng_state
+from .gate import DevScore, HiddenTap, dev_score
+from .loop import Batch, PhaseResult, PhaseRun, lr_lambda
+from .losses import distill_sums, imitation_loss
 from .plan import PhasePlan, Plan, make_plan
-from .state import (Checkpoint, MetricsLog, ResumeState, checkpoint_name, latest_checkpoint, load_part, read_state,
+from .refit import refit_output_projections
+from .state import (Checkpoint, CheckpointError, MetricsLog, ResumeState, latest_checkpoint, load_part, read_state,
                     save_checkpoint)
 
+__all__ = ["HealRecipe", "HealResult", "PhaseResult", "heal", "lr_lambda"]
+
 Progress = Callable[[str, int, int, dict], None]
-
-
-@dataclass
-class PhaseResult:
-    name: str
-    steps: int
-    tokens: int
-    final_loss: float | None
-    seconds: float
 
 
 @dataclass
@@ -64,6 +64,7 @@ class HealResult:
     dry_run: bool = False
     resumed: bool = False
     already_done: bool = False  # OUT already held this heal; nothing was trained
+    evals: list[dict] = field(default_factory=list)  # dev-split scores against the teacher
 
     @property
     def final_losses(self) -> dict[str, float | None]:
@@ -84,15 +85,11 @@ class HealRecipe:
         self._teacher = None
 
     # -- setup ------------------------------------------------------------------------------------
-    def needs_teacher(self) -> bool:
-        split = self.cfg.split
-        return split[0] > 0 or (split[1] > 0 and self.cfg.distill > 0)
-
     def make_plan(self, world_size: int) -> Plan:
+        """The plan; the teacher is always needed (imitation, distillation and the fidelity gate)."""
         cfg = self.cfg
         params = models.param_counts(cfg.model)
-        teacher = models.resolve_teacher(cfg.model, cfg.teacher) if self.needs_teacher() else None
-        return make_plan(cfg, world_size, params, teacher)
+        return make_plan(cfg, world_size, params, models.resolve_teacher(cfg.model, cfg.teacher))
 
     def run(self) -> HealResult:
         if self.cfg.dry_run:
@@ -104,17 +101,68 @@ class HealRecipe:
         if done is not None:
             return done
         self.tokenizer = models.load_tokenizer(self.cfg.model)
-        stream = PackedStream(chat_records(self.cfg.data), self.tokenizer, self.cfg.seq_len, self.cfg.seed)
-        self.ids, self.mask = stream.take(self.plan.total_sequences)
-        self.mask_mode = stream.mode
+        records = None if self.cfg.data == TEACHER_SAMPLES else self.records()  # bad data fails before OUT exists
         state = self.prepare_output()
+        self.load_data(records if records is not None else self.records())
         resumed = state.phase > 0
+        if not state.evals:
+            self.evaluate(state, models.load_student(self.cfg.model).to(self.engine.device), "input")
+        if self.cfg.refit and state.phase == 0 and "0" not in state.phase_ends:
+            state = self.refit(state)
         for phase in self.plan.phases:
             if not state.phase_finished(phase.index):
                 state = self.train_phase(phase, state)
+        self._teacher = None  # no phase needs it any more
         result = self.write_output(state)
         result.resumed = resumed
         return result
+
+    # -- data -------------------------------------------------------------------------------------
+    def records(self) -> list:
+        cfg = self.cfg
+        if cfg.data != TEACHER_SAMPLES:
+            return heal_records(cfg.data, cfg.max_rows, cfg.seed)
+        path = self.out / "data" / "teacher-samples.jsonl"
+        wanted = samples.settings(cfg.samples, cfg.sample_tokens, cfg.seed, cfg.sample_top_p, self.plan.teacher)
+        texts = samples.read_cached(path, wanted)
+        if texts is None:
+            if self.engine.is_main:
+                report = lambda done, total: self.progress("samples", done, total, {})  # noqa: E731
+                texts = samples.sample(self.teacher(), self.tokenizer, cfg.samples, cfg.sample_tokens, cfg.seed,
+                                       cfg.sample_top_p, progress=report)
+                samples.write(path, wanted, texts)
+            self.engine.wait()
+            texts = samples.read_cached(path, wanted)
+        return texts
+
+    def load_data(self, records: list) -> None:
+        """Training windows for the whole plan and the dev windows of the gate (disjoint documents)."""
+        cfg = self.cfg
+        train, dev = split_dev(records, cfg.dev_fraction, cfg.seed)
+        stream = PackedStream(train, self.tokenizer, cfg.seq_len, cfg.seed)
+        self.ids, self.positions, self.mask = stream.take(self.plan.total_sequences)
+        self.mask_mode = stream.mode
+        self.dev_ids, self.dev_positions, _ = PackedStream(dev or train, self.tokenizer, cfg.seq_len,
+                                                           cfg.seed + 1).take(cfg.dev_windows)
+        self.dev_held_out = bool(dev)
+
+    # -- the fidelity gate ------------------------------------------------------------------------
+    def evaluate(self, state: ResumeState, student, label: str) -> DevScore:
+        """Score ``student`` on the dev split, log it (metrics.jsonl, progress line) and keep it in ``state``."""
+        score = dev_score(student, self.teacher(), self.dev_ids, self.dev_positions, self.cfg.batch_size,
+                          self.cfg.loss_chunk)
+        record = {"after": label, "phase_index": state.phase, "step": state.step, **score.as_dict()}
+        state.evals.append(record)
+        self.metrics.write({"eval": label, "phase_index": state.phase, "step": state.step,
+                            "dev_kl": score.kl, "dev_top1": score.top1})
+        if self.engine.is_main:
+            self.progress("dev", 0, 0, {"after": label, "dev_kl": score.kl, "dev_top1": score.top1})
+        return score
+
+    def best_kl(self, state: ResumeState) -> float:
+        """The dev KL of the weights a phase starts from (the input, or the last kept phase)."""
+        kept = [r["dev_kl_after"] for r in state.results if r.get("kept", True) and r.get("dev_kl_after") is not None]
+        return kept[-1] if kept else state.evals[0]["kl"]
 
     def finished_result(self) -> HealResult | None:
         """A result for an OUT that already holds this heal (same settings); an error for other settings."""
@@ -130,16 +178,16 @@ class HealRecipe:
                             "pass --overwrite to heal again")
         phases = [PhaseResult(**p) for p in done["phases"]]
         return HealResult(output=str(self.out), plan=self.plan, phases=phases, seconds=done["seconds"],
-                          already_done=True)
+                          already_done=True, evals=done.get("dev", []))
 
     def prepare_output(self) -> ResumeState:
         """Clear, create or reopen OUT; the state to start from (a fresh one unless resuming)."""
         cfg, engine = self.cfg, self.engine
-        latest = latest_checkpoint(self.ckpt_root)
+        latest = self._latest(required=cfg.resume)
         if engine.is_main:
             self._check_output(latest)
         engine.wait()
-        latest = latest_checkpoint(self.ckpt_root) if cfg.resume else None
+        latest = self._latest(required=True) if cfg.resume else None
         state = read_state(latest) if latest else ResumeState(world_size=engine.num_processes)
         if latest:
             self._check_resume(state)
@@ -149,6 +197,15 @@ class HealRecipe:
             self.metrics.truncate(state)
             (self.out / "heal_config.json").write_text(json.dumps(cfg.as_dict(), indent=2))
         return state
+
+    def _latest(self, required: bool) -> Path | None:
+        """The latest checkpoint; an unreadable one is an error when resuming (never a silent restart)."""
+        try:
+            return latest_checkpoint(self.ckpt_root)
+        except CheckpointError as e:
+            if not required:
+                return None
+            raise UserError(f"cannot resume: {e}; pass --overwrite to start over") from e
 
     def _check_output(self, latest: Path | None) -> None:
         cfg, out = self.cfg, self.out
@@ -178,15 +235,22 @@ class HealRecipe:
             self._teacher = models.load_teacher(self.plan.teacher, dtype).to(device)
         return self._teacher
 
-    def student(self, state: ResumeState):
-        """A fresh float32 student with the weights of the latest checkpoint (if any)."""
+    def student(self, checkpoint: str | None):
+        """A fresh float32 student with the weights of checkpoint directory ``checkpoint`` (None: the input)."""
         model = models.load_student(self.cfg.model)
-        if state.phase > 0:
-            weights = load_part(self.ckpt_root / checkpoint_name(state), "weights")
+        if checkpoint is not None:
+            try:
+                weights = load_part(self.ckpt_root / checkpoint, "weights")
+            except CheckpointError as e:
+                raise UserError(f"{e}; pass --overwrite to start over") from e
             unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
             if unexpected:
-                raise UserError(f"checkpoint {checkpoint_name(state)} does not match {self.cfg.model} ({unexpected[0]}, ...)")
+                raise UserError(f"checkpoint {checkpoint} does not match {self.cfg.model} ({unexpected[0]}, ...)")
         return model
+
+    def start_checkpoint(self, state: ResumeState) -> str | None:
+        """The checkpoint directory the state's weights are in: the latest (mid-phase or phase end), or None."""
+        return state.checkpoint or None
 
     def phase_module(self, phase: PhasePlan, student):
         if phase.name == "imitate":
@@ -203,14 +267,36 @@ class HealRecipe:
         per_step = self.plan.batch_size * self.plan.grad_accum * self.plan.world_size
         first = phase.first_sequence + start_step * per_step
         end = phase.first_sequence + phase.sequences
-        data = TensorDataset(self.ids[first:end], self.mask[first:end])
+        data = TensorDataset(self.ids[first:end], self.positions[first:end], self.mask[first:end])
         return DataLoader(data, batch_size=self.plan.batch_size, shuffle=False)
 
     # -- training ---------------------------------------------------------------------------------
+    def refit(self, state: ResumeState) -> ResumeState:
+        """Phase 0: the closed-form refit of every ``o_proj`` (``refit``), gated like a phase."""
+        cfg, device, t0 = self.cfg, self.engine.device, time.perf_counter()
+        student = models.load_student(cfg.model).to(device).eval()
+        n = min(cfg.refit_windows, self.ids.shape[0])
+        ids, pos = self.ids[:n].to(device).long(), self.positions[:n].to(device).long()
+        mask = causal_mask(student.config, student.model.embed_tokens(ids), pos)
+        report = lambda done, total: self.progress("refit", done, total, {}) if self.engine.is_main else None  # noqa: E731
+        errors = refit_output_projections(student, self.teacher(), ids, pos, mask, cfg.refit_ridge, report)
+        state.seconds += time.perf_counter() - t0
+        before = self.best_kl(state)
+        score = self.evaluate(state, student, "refit")
+        kept = score.kl <= before or cfg.keep_last
+        state.phase_done = True
+        state.results.append(asdict(PhaseResult(
+            name="refit", steps=0, tokens=int(ids.numel()), final_loss=sum(errors) / len(errors),
+            seconds=round(time.perf_counter() - t0, 1), dev_kl_before=before, dev_kl_after=score.kl,
+            dev_top1_after=score.top1, kept=kept)))
+        self.save(state, student if kept else models.load_student(cfg.model))
+        return state
+
     def train_phase(self, phase: PhasePlan, state: ResumeState) -> ResumeState:
         engine, cfg = self.engine, self.cfg
         start = state.start_step(phase.index)
-        student = self.student(state)
+        origin = self.origin(state, phase)
+        student = self.student(state.checkpoint if start else origin)
         module = self.phase_module(phase, student)
         params = models.set_trainable(module, phase.name)
         optimizer = torch.optim.AdamW(params, lr=phase.lr, weight_decay=cfg.weight_decay)
@@ -225,37 +311,67 @@ class HealRecipe:
         run = PhaseRun(self, phase, state, student, module, wrapped, optimizer, scheduler, params)
         state = run.train(loader)
         engine.release()
-        if phase.name == "imitate" and not (self.plan.phase("mla-only") and self.cfg.distill > 0):
-            self._teacher = None  # not needed any more
+        return self.finish_phase(run, origin)
+
+    def origin(self, state: ResumeState, phase: PhasePlan) -> str | None:
+        """The checkpoint a phase starts from: the end of the phase before it (None: the input model)."""
+        earlier = [int(k) for k in state.phase_ends if int(k) < phase.index]
+        return state.phase_ends[str(max(earlier))] if earlier else None
+
+    def finish_phase(self, run: PhaseRun, origin: str | None) -> ResumeState:
+        """The gate: score the phase's end; keep it, or end the phase on the weights it started from."""
+        state, phase = run.state, run.phase
+        before = self.best_kl(state)
+        score = self.evaluate(state, run.student, f"phase {phase.index} ({phase.name})")
+        kept = score.kl <= before or self.cfg.keep_last
+        state.phase_done = True
+        state.results.append(run.result(before, score, kept))
+        if kept:
+            self.save(state, run.module, run.wrapped)
+        else:
+            self.save(state, self.student(origin))
+            self.metrics.write({"eval": f"phase {phase.index} dropped", "dev_kl": score.kl, "best_dev_kl": before})
         return state
 
     def _restore(self, state: ResumeState, wrapped, optimizer, scheduler) -> None:
-        path = self.ckpt_root / checkpoint_name(state)
-        self.engine.load_optimizer_state(wrapped, optimizer, load_part(path, "optimizer"))
-        scheduler.load_state_dict(load_part(path, "scheduler"))
-        set_rng_state(load_part(path, "rng", trusted=True))
+        path = self.ckpt_root / state.checkpoint
+        try:
+            self.engine.load_optimizer_state(wrapped, optimizer, load_part(path, "optimizer"))
+            scheduler.load_state_dict(load_part(path, "scheduler"))
+            set_rng_state(load_part(path, "rng", trusted=True))
+        except CheckpointError as e:
+            raise UserError(f"cannot resume: {e}; pass --overwrite to start over") from e
 
-    def phase_loss(self, phase: PhasePlan, student, wrapped, ids, mask) -> tuple[torch.Tensor, dict]:
+    def phase_loss(self, phase: PhasePlan, student, wrapped, batch: Batch, counts: torch.Tensor):
+        """The loss of one micro-batch, already divided by the step's token counts; and its parts for the log."""
         if phase.name == "imitate":
-            return self.imitation_loss(student, wrapped, ids), {}
-        logits = wrapped(input_ids=ids, use_cache=False).logits
-        loss = next_token_loss(logits, ids, mask)
-        if phase.name != "mla-only" or self.cfg.distill <= 0:
-            return loss, {}
-        with torch.no_grad():
-            teacher_logits = self.teacher()(input_ids=ids, use_cache=False).logits
-        kl = distill_loss(logits, teacher_logits, ids, mask)
-        return loss + self.cfg.distill * kl, {"ce": float(loss.detach()), "kl": float(kl.detach())}
+            return self.imitation_loss(student, wrapped, batch), {}
+        ce_weight = self.cfg.ce_weight if phase.name == "mla-only" else self.cfg.full_ce_weight
+        teacher, teacher_hidden = self.teacher(), None
+        if self.cfg.distill > 0:
+            with torch.no_grad():
+                teacher_hidden = teacher.model(input_ids=batch.ids, position_ids=batch.positions,
+                                               use_cache=False).last_hidden_state
+        with HiddenTap(student.model) as tap:  # through the wrapper (DDP/FSDP hooks), one logit position only
+            wrapped(input_ids=batch.ids, position_ids=batch.positions, use_cache=False, logits_to_keep=1)
+        sums = distill_sums(tap.hidden, student.lm_head, teacher_hidden, teacher.lm_head, batch.kd_mask,
+                            batch.target, batch.ce_mask if ce_weight > 0 else None, self.cfg.loss_chunk)
+        kl = sums.kl / counts[0].clamp_min(1.0)
+        ce = sums.ce / counts[1].clamp_min(1.0)
+        loss = self.cfg.distill * kl + ce_weight * ce
+        parts = {"kl": float(kl.detach())}
+        if ce_weight > 0:
+            parts["ce"] = float(ce.detach())
+        return loss, parts
 
-    def imitation_loss(self, student, wrapped, ids: torch.Tensor) -> torch.Tensor:
+    def imitation_loss(self, student, wrapped, batch: Batch) -> torch.Tensor:
         teacher = self.teacher()
         with torch.no_grad(), models.TeacherTap(teacher) as tap:
-            teacher.model(input_ids=ids, use_cache=False)
+            teacher.model(input_ids=batch.ids, position_ids=batch.positions, use_cache=False)
         inputs = [x.detach() for x in tap.inputs]
         targets = [y.detach() for y in tap.outputs]
-        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-        position_embeddings = student.model.rotary_emb(inputs[0], positions)
-        mask = causal_mask(student.config, inputs[0], positions)
+        position_embeddings = student.model.rotary_emb(inputs[0], batch.positions)
+        mask = causal_mask(student.config, inputs[0], batch.positions)
         return imitation_loss(wrapped(inputs, position_embeddings, mask), targets)
 
     # -- checkpoints and output ------------------------------------------------------------------
@@ -280,9 +396,10 @@ class HealRecipe:
 
     def write_output(self, state: ResumeState) -> HealResult:
         phases = [PhaseResult(**r) for r in state.results]
-        result = HealResult(output=str(self.out), plan=self.plan, phases=phases, seconds=state.seconds)
+        result = HealResult(output=str(self.out), plan=self.plan, phases=phases, seconds=state.seconds,
+                            evals=list(state.evals))
         if self.engine.is_main:
-            model = self.student(state)
+            model = self.student(state.checkpoint or None)
             model.to(_saved_dtype(self.cfg.model))
             self._place_output(model, self.heal_record(result))
         self.engine.wait()
@@ -294,6 +411,9 @@ class HealRecipe:
             "teacher": self.plan.teacher,
             "data": self.cfg.data,
             "mask_mode": self.mask_mode,
+            "dev_split": "held out of the training documents" if self.dev_held_out else
+                         "the training documents (too few to hold some out)",
+            "dev": result.evals,
             "phases": [asdict(p) for p in result.phases],
             "steps": self.plan.total_steps,
             "tokens": self.plan.total_tokens,
@@ -310,7 +430,7 @@ class HealRecipe:
         record["heal"] = heal
         tmp = self.out / f".final-{uuid.uuid4().hex[:6]}"
         tmp.mkdir()
-        save_mla_model(model, tmp, self.tokenizer, {"README.md": _model_card(src, heal)})
+        models.save_student(model, tmp, self.tokenizer, {"README.md": _model_card(src, heal)})
         for path in sorted(tmp.iterdir()):
             os.replace(path, self.out / path.name)
         tmp.rmdir()
@@ -319,118 +439,6 @@ class HealRecipe:
         os.replace(marker, self.out / "conversion.json")
         if self.cfg.cleanup:
             shutil.rmtree(self.ckpt_root, ignore_errors=True)
-
-
-class PhaseRun:
-    """The training loop of one phase (steps, logging, checkpoints, interruption)."""
-
-    def __init__(self, recipe: HealRecipe, phase: PhasePlan, state: ResumeState, student, module, wrapped,
-                 optimizer, scheduler, params):
-        self.r, self.phase, self.state = recipe, phase, state
-        self.student, self.module, self.wrapped = student, module, wrapped
-        self.optimizer, self.scheduler, self.params = optimizer, scheduler, params
-        self.engine: Engine = recipe.engine
-        self.saved_step = state.step
-        self.updating = False
-        self.loss: float | None = None
-
-    def train(self, loader) -> ResumeState:
-        self.wrapped.train()
-        batches = iter(loader)
-        try:
-            while self.state.step < self.phase.steps:
-                self.step(batches)
-                if self._due():
-                    self.checkpoint()
-        except KeyboardInterrupt:
-            if not self.updating and self.state.step > self.saved_step and not self.engine.sharded:
-                self.checkpoint(sync=False)  # sharded (FSDP) weights need every process: keep the last save
-            raise
-        return self.finish()
-
-    def _due(self) -> bool:
-        every, step = self.r.cfg.save_every, self.state.step
-        return bool(every) and step % every == 0 and step < self.phase.steps
-
-    def step(self, batches) -> None:
-        t0 = time.perf_counter()
-        lr = self.optimizer.param_groups[0]["lr"]
-        loss, extra = self.accumulate(batches)
-        if not math.isfinite(loss):
-            self.fail(f"loss is {loss}")
-        norm = self.engine.clip(self.params, self.r.cfg.max_grad_norm)
-        if not math.isfinite(norm):
-            self.fail(f"gradient norm is {norm}")
-        self.updating = True
-        self.optimizer.step()
-        self.scheduler.step()
-        self.state.step += 1
-        self.state.sequences += self.r.plan.batch_size * self.r.plan.grad_accum * self.r.plan.world_size
-        self.updating = False
-        self.optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - t0
-        self.state.seconds += seconds
-        self.loss = loss
-        self.log(loss, lr, norm, seconds, extra)
-
-    def accumulate(self, batches) -> tuple[float, dict]:
-        accum, total, extra = self.r.plan.grad_accum, 0.0, {}
-        for k in range(accum):
-            ids, mask = self.engine.to_device(next(batches))
-            ids = ids.long()
-            sync = contextlib.nullcontext() if k == accum - 1 else self.engine.no_sync(self.wrapped)
-            with sync:
-                with self.engine.autocast():
-                    loss, parts = self.r.phase_loss(self.phase, self.student, self.wrapped, ids, mask)
-                self.engine.backward(loss / accum)
-            total = total + loss.detach().float()
-            extra = {name: extra.get(name, 0.0) + value / accum for name, value in parts.items()}
-        return self.engine.mean(total / accum), extra
-
-    def fail(self, what: str) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        last = latest_checkpoint(self.r.ckpt_root)
-        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        raise UserError(f"{what} at phase {self.phase.index} ({self.phase.name}) step {self.state.step + 1}; "
-                        f"stopped, {where}; lower --lr (and --resume) or check the data")
-
-    def log(self, loss: float, lr: float, norm: float, seconds: float, extra: dict) -> None:
-        plan = self.r.plan
-        tokens = plan.batch_size * plan.grad_accum * plan.world_size * plan.seq_len
-        metrics = {"loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tokens / max(seconds, 1e-9), **extra}
-        if self.state.step % self.r.cfg.log_every == 0 or self.state.step == self.phase.steps:
-            self.r.metrics.write({"phase": self.phase.name, "phase_index": self.phase.index,
-                                  "step": self.state.step, "tokens": self.state.step * tokens, **metrics})
-        if self.engine.is_main:
-            self.r.progress(self.phase.name, self.state.step, self.phase.steps, metrics)
-
-    def checkpoint(self, sync: bool = True) -> None:
-        self.r.save(self.state, self.module, self.wrapped, self.optimizer, self.scheduler, sync)
-        self.saved_step = self.state.step
-
-    def finish(self) -> ResumeState:
-        self.state.phase_done = True
-        self.state.results.append(asdict(PhaseResult(
-            name=self.phase.name, steps=self.phase.steps, tokens=self.phase.tokens, final_loss=self.loss,
-            seconds=round(self._phase_seconds(), 1))))
-        self.r.save(self.state, self.module, self.wrapped)
-        return self.state
-
-    def _phase_seconds(self) -> float:
-        before = sum(r["seconds"] for r in self.state.results)
-        return self.state.seconds - before
-
-
-def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
-    """Linear warmup over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return f
 
 
 def causal_mask(config, x: torch.Tensor, positions: torch.Tensor):
@@ -447,7 +455,7 @@ def _saved_dtype(model_dir: str) -> torch.dtype:
 
 def _model_card(src: Path, heal: dict) -> str:
     card = (src / "README.md").read_text() if (src / "README.md").is_file() else f"# MLA retrofit of {src}\n"
-    phases = ", ".join(f"{p['name']} {p['steps']} steps (loss {p['final_loss']:.4g})" for p in heal["phases"]
-                       if p["final_loss"] is not None)
+    phases = ", ".join(f"{p['name']} {p['steps']} steps (dev KL {p['dev_kl_before']:.4g} -> {p['dev_kl_after']:.4g}"
+                       f"{'' if p['kept'] else ', dropped'})" for p in heal["phases"] if p["dev_kl_after"] is not None)
     return card + (f"\n## Healing\n\nHealed with mla-retrofit {heal['mla_retrofit_version']} on `{heal['data']}` "
                    f"({heal['tokens']:,} tokens): {phases}.\n`conversion.json` key `heal` holds the settings.\n")

@@ -6,9 +6,12 @@
 * ``weights.pt``: the weights changed so far (the MLA attentions; every weight once phase 3 runs);
 * ``optimizer.pt``, ``scheduler.pt``, ``rng.pt``: only inside a phase (a new phase starts a new optimizer).
 
-A checkpoint is written into a temporary directory and renamed into place;
-``OUT/checkpoints/latest`` (replaced atomically) then names it. Older
-checkpoints beyond ``keep`` are removed.
+A checkpoint is written into a temporary directory and renamed to a name no
+other checkpoint has (``phaseP-stepS[-end]-<id>``); ``OUT/checkpoints/latest``
+(replaced atomically) then names it, and only then are older checkpoints
+removed: at every instant ``latest`` names a complete checkpoint. Mid-phase
+checkpoints beyond ``keep`` go; phase-end checkpoints (``-end``) stay until the
+healed model is written, since the fidelity gate may return to one.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ class ResumeState:
     seconds: float = 0.0  # training time so far
     config: dict = field(default_factory=dict)  # the resolved HealConfig
     results: list[dict] = field(default_factory=list)  # one PhaseResult per finished phase
+    evals: list[dict] = field(default_factory=list)  # dev-split scores: the input, then every eval point
+    phase_ends: dict = field(default_factory=dict)  # phase index (str) -> its end checkpoint's directory name
+    checkpoint: str = ""  # the directory name of the checkpoint this state was saved in
 
     def phase_finished(self, index: int) -> bool:
         return index < self.phase or (index == self.phase and self.phase_done)
@@ -52,22 +58,28 @@ class Checkpoint:
     rng: dict | None = None
 
 
+class CheckpointError(Exception):
+    """A checkpoint exists but cannot be read."""
+
+
 def checkpoint_name(state: ResumeState) -> str:
-    return f"phase{state.phase}-step{state.step:07d}"
+    end = "-end" if state.phase_done else ""
+    return f"phase{state.phase}-step{state.step:07d}{end}-{uuid.uuid4().hex[:6]}"
 
 
 def save_checkpoint(root: Path, ckpt: Checkpoint, keep: int) -> Path:
     """Write ``ckpt`` under ``root`` atomically, point ``latest`` at it, drop the oldest beyond ``keep``."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(ckpt.state)
-    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:6]}"
+    ckpt.state.checkpoint = final.name
+    if ckpt.state.phase_done:
+        ckpt.state.phase_ends[str(ckpt.state.phase)] = final.name
+    tmp = root / f".tmp-{final.name}"
     tmp.mkdir()
     (tmp / "state.json").write_text(json.dumps(asdict(ckpt.state), indent=2))
     for name in ("weights", "optimizer", "scheduler", "rng"):
         if getattr(ckpt, name) is not None:
             torch.save(getattr(ckpt, name), tmp / f"{name}.pt")
-    if final.exists():
-        shutil.rmtree(final)
     tmp.rename(final)
     pointer = root / f".{LATEST}-{uuid.uuid4().hex[:6]}"
     pointer.write_text(final.name)
@@ -77,18 +89,30 @@ def save_checkpoint(root: Path, ckpt: Checkpoint, keep: int) -> Path:
 
 
 def _rotate(root: Path, keep: int, current: str) -> None:
-    names = sorted(p.name for p in root.glob("phase*-step*") if p.is_dir())
+    """Drop mid-phase checkpoints beyond the newest ``keep`` (never ``current``, never a phase end)."""
+    names = sorted(p.name for p in root.glob("phase*-step*") if p.is_dir() and "-end-" not in p.name)
     for name in names[: max(0, len(names) - keep)]:
         if name != current:
             shutil.rmtree(root / name, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):  # a run killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint ``latest`` names; None when there is none; :class:`CheckpointError` when it is unreadable."""
     pointer = root / LATEST
     if not pointer.is_file():
+        if root.is_dir() and any(root.glob("phase*-step*")):
+            raise CheckpointError(f"{root} holds checkpoints but no '{LATEST}' pointer")
         return None
     path = root / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
+    if not (path / "state.json").is_file():
+        raise CheckpointError(f"{pointer} names {path.name}, which is missing or incomplete")
+    try:
+        read_state(path)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}/state.json cannot be read ({e})") from e
+    return path
 
 
 def read_state(path: Path) -> ResumeState:
@@ -100,7 +124,10 @@ def load_part(path: Path, name: str, trusted: bool = False):
     file = path / f"{name}.pt"
     if not file.is_file():
         return None
-    return torch.load(file, map_location="cpu", weights_only=not trusted)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=not trusted)
+    except Exception as e:  # truncated or corrupt file
+        raise CheckpointError(f"{file} cannot be read ({type(e).__name__}: {e})") from e
 
 
 class MetricsLog:

@@ -1,0 +1,150 @@
+"""``mla-retrofit heal``: flags and ``--config`` -> :class:`HealConfig` -> :func:`mla_retrofit.heal.heal` -> print.
+
+Only the flags given on the command line are passed on; every default lives in
+``HealConfig`` (and its presets), and every ``HealConfig`` field can be set in
+the ``--config`` file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mla_retrofit.errors import UserError
+
+from . import state
+from .main import _plain, app, console, info, pick, progress_bar, user_errors
+
+NOT_FROM_FILE = ("model", "output")
+
+
+def _config_file(path: Path | None, names: set[str]) -> dict:
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            loaded = yaml.safe_load(text) or {}
+        else:
+            loaded = json.loads(text)
+    except Exception as e:
+        raise UserError(f"cannot parse config file {path} ({e})") from e
+    out = {}
+    for key, value in loaded.items():
+        k = key.replace("-", "_")
+        if k not in names or k in NOT_FROM_FILE:
+            raise UserError(f"unknown key '{key}' in {path}; valid keys: {', '.join(sorted(names - set(NOT_FROM_FILE)))}")
+        out[k] = value
+    return out
+
+
+def _given(ctx: typer.Context, values: dict) -> dict:
+    """The options the user typed (the rest stay None and take HealConfig's defaults)."""
+    out = {}
+    for name, value in values.items():
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name == "COMMANDLINE":
+            out[name] = value
+    return out
+
+
+@app.command()
+def heal(
+    ctx: typer.Context,
+    model: Optional[str] = typer.Argument(None, help="Converted checkpoint, or a DeepSeek-V3 export of one "
+                                                     "(default: the last 'convert' here)."),
+    out: Optional[Path] = typer.Argument(None, help="Output directory (default: MODEL-healed)."),
+    teacher: Optional[str] = typer.Option(None, help="Original model (default: from conversion.json)."),
+    data: Optional[str] = typer.Option(None, help="teacher-samples (text sampled from the teacher; the cpu-demo "
+                                       "default), a Hub dataset id (default: HuggingFaceTB/smoltalk), a local "
+                                       ".jsonl/.parquet/.txt, builtin or builtin-chat."),
+    preset: Optional[str] = typer.Option(None, help="cpu-demo | gpu-7b: budget, data and batch defaults."),
+    tokens: Optional[int] = typer.Option(None, help="Total training tokens over all phases."),
+    steps: Optional[int] = typer.Option(None, help="Total optimizer steps over all phases (instead of --tokens)."),
+    split: Optional[str] = typer.Option(None, help="Budget split over the 3 phases [0.25,0.5,0.25]; 0 skips a phase."),
+    seq_len: Optional[int] = typer.Option(None, help="Packed window length."),
+    batch_size: Optional[int] = typer.Option(None, help="Windows per micro-batch."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate of phases 1 and 2."),
+    distill: Optional[float] = typer.Option(None, help="Phases 2-3: weight of KL(teacher || student) [1.0]."),
+    ce_weight: Optional[float] = typer.Option(None, help="Phase 2: weight of next-token loss [0]."),
+    full_ce_weight: Optional[float] = typer.Option(None, help="Phase 3: weight of next-token loss [0; gpu-7b 0.1]."),
+    refit: Optional[bool] = typer.Option(None, "--refit/--no-refit", help="Closed-form o_proj refit toward the "
+                                         "teacher before phase 1 (gated like a phase)."),
+    eval_every: Optional[int] = typer.Option(None, help="Also score the dev split every N steps [only phase ends]."),
+    keep_last: Optional[bool] = typer.Option(None, "--keep-last", help="Keep a phase even if it worsens the dev KL."),
+    samples: Optional[int] = typer.Option(None, help="teacher-samples: how many texts to sample."),
+    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
+    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue an interrupted heal from its last checkpoint."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
+                                                          help="Trade compute for memory (default: the preset's)."),
+    dry_run: Optional[bool] = typer.Option(None, "--dry-run", help="Print the plan and exit."),
+    seed: Optional[int] = typer.Option(None, help="Random seed [0]."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace OUT if it exists."),
+    config: Optional[Path] = typer.Option(None, help="YAML/JSON file with any HealConfig field (flags win)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Heal a converted model toward the original: layerwise imitation, MLA-only and full distillation.
+
+    Examples:
+
+      mla-retrofit heal --preset cpu-demo                 # the last conversion, offline
+
+      mla-retrofit heal out/ healed/ --data chats.jsonl --tokens 50000000
+
+      mla-retrofit heal engine-export/ healed/ --teacher ORIGINAL --preset cpu-demo
+    """
+    from mla_retrofit.heal import HealConfig, heal as run_heal
+    from mla_retrofit.heal.config import parse_split
+
+    with user_errors():
+        model_dir = pick("convert", model, "converted model")
+        out_dir = out or Path(f"{model_dir.rstrip('/')}-healed")
+        names = {f.name for f in fields(HealConfig)}
+        local = dict(locals())
+        given = _given(ctx, {k: local[k] for k in names - set(NOT_FROM_FILE) if k in local})
+        values = {**_config_file(config, names), **given}
+        if "split" in values:
+            values["split"] = parse_split(values["split"])
+        cfg = HealConfig(model=model_dir, output=str(out_dir), **values)
+        with progress_bar() as bar:
+            result = run_heal(cfg, _progress(bar))
+        if cfg.dry_run:
+            typer.echo(json.dumps(_plain(result), default=str) if json_out else result.plan.describe())
+            return
+        state.record("heal", str(out_dir), source=model_dir)
+        if json_out:
+            typer.echo(json.dumps(_plain(result), default=str))
+            return
+        for e in result.evals:
+            console.print(f"dev split after {e['after']:<22} KL {e['kl']:.4f} nats/token, top-1 {e['top1']:.1%}",
+                          highlight=False)
+        dropped = [p.name for p in result.phases if not p.kept]
+        if dropped:
+            info(f"phases dropped by the fidelity gate (they made the dev KL worse): {', '.join(dropped)}")
+        info(f"healed model written to {out_dir}; next: mla-retrofit bench --kv-report")
+
+
+def _progress(bar):
+    tasks: dict[str, int] = {}
+
+    def progress(phase: str, step: int, total: int, metrics: dict | None = None) -> None:
+        metrics = metrics or {}
+        if phase == "dev":  # a score of the dev split: print it above the bars
+            bar.console.print(f"dev KL after {metrics['after']}: {metrics['dev_kl']:.4f} "
+                              f"(top-1 {metrics['dev_top1']:.1%})", highlight=False)
+            return
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(phase, total=total, extra="")
+        extra = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        bar.update(tasks[phase], completed=step, extra=extra)
+
+    return progress

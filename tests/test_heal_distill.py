@@ -1,0 +1,271 @@
+"""Healing toward the teacher: the chunked distillation loss, token weighting, document borders, the fidelity
+gate, safe checkpoint rotation, and DeepSeek-V3 students."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import save_tiny  # noqa: E402
+
+from mla_retrofit.errors import UserError  # noqa: E402
+from mla_retrofit.heal import HealConfig, heal  # noqa: E402
+from mla_retrofit.heal import models, state as heal_state  # noqa: E402
+from mla_retrofit.heal.data import PackedStream, split_dev  # noqa: E402
+from mla_retrofit.heal.losses import ce_targets, distill_sums, kl_per_token  # noqa: E402
+from mla_retrofit.heal.state import latest_checkpoint, read_state  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from mla_retrofit.convert.pipeline import ConvertConfig, convert
+
+    root = tmp_path_factory.mktemp("kd")
+    save_tiny("llama", root / "src")
+    convert(ConvertConfig(model=str(root / "src"), output=str(root / "mla"), kv_ratio=0.5, calib_samples=4,
+                          calib_seq_len=64))
+    return root
+
+
+def config(root: Path, out: Path, **kw) -> HealConfig:
+    base = dict(model=str(root / "mla"), output=str(out), data="builtin-chat", steps=4, seq_len=32, batch_size=2,
+                grad_accum=1, lr=1e-3, warmup_fraction=0.0, save_every=0, keep_last=True, dev_windows=2)
+    return HealConfig(**{**base, **kw})
+
+
+def student_weights(directory: Path) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in models.load_student(str(directory)).state_dict().items()}
+
+
+# -- the loss ----------------------------------------------------------------------------------------
+def _heads(seed=0, B=2, T=7, d=8, V=11):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, d, generator=g, requires_grad=True)
+    teacher_hidden = torch.randn(B, T, d, generator=g)
+    head, teacher_head = torch.nn.Linear(d, V, bias=False), torch.nn.Linear(d, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, d, generator=g))
+        teacher_head.weight.copy_(torch.randn(V, d, generator=g))
+    return hidden, teacher_hidden, head, teacher_head
+
+
+def test_chunked_kl_equals_the_unchunked_reference_and_its_gradient():
+    hidden, teacher_hidden, head, teacher_head = _heads()
+    mask = torch.ones(2, 7)
+    ref = (kl_per_token(head(hidden), teacher_head(teacher_hidden)) * mask).sum()
+    ref_grad = torch.autograd.grad(ref, hidden)[0]
+    for chunk in (2, 5, 1000):  # slices of 1, 2 and all 7 positions
+        sums = distill_sums(hidden, head, teacher_hidden, teacher_head, mask, chunk=chunk)
+        grad = torch.autograd.grad(sums.kl, hidden)[0]
+        torch.testing.assert_close(sums.kl, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+    assert float(ref) > 0
+
+
+def test_kl_is_asymmetric_with_a_known_value():
+    p = torch.tensor([[0.9, 0.1]]).log()  # teacher
+    q = torch.tensor([[0.5, 0.5]]).log()  # student
+    expected = 0.9 * torch.log(torch.tensor(0.9 / 0.5)) + 0.1 * torch.log(torch.tensor(0.1 / 0.5))
+    torch.testing.assert_close(kl_per_token(q, p), expected.view(1))
+    assert not torch.allclose(kl_per_token(p, q), expected.view(1))  # KL(student || teacher) is another number
+
+
+def test_masked_positions_contribute_nothing():
+    hidden, teacher_hidden, head, teacher_head = _heads()
+    mask = torch.ones(2, 7)
+    mask[0, 2] = mask[1, 5] = 0
+    target = torch.randint(0, 11, (2, 7))
+    sums = distill_sums(hidden, head, teacher_hidden, teacher_head, mask, target, mask, chunk=4)
+    grad = torch.autograd.grad(sums.kl + sums.ce, hidden)[0]
+    assert grad[0, 2].abs().max() == 0 and grad[1, 5].abs().max() == 0 and grad[0, 3].abs().max() > 0
+    assert float(sums.kl_count) == 12 and float(sums.ce_count) == 12
+    changed = hidden.detach().clone()
+    changed[0, 2] += 100.0
+    again = distill_sums(changed, head, teacher_hidden, teacher_head, mask, target, mask, chunk=4)
+    torch.testing.assert_close(again.kl, sums.kl.detach())
+    torch.testing.assert_close(again.ce, sums.ce.detach())
+
+
+def test_next_token_targets_stop_at_document_borders():
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    positions = torch.tensor([[0, 1, 2, 0, 1]])
+    target, keep = ce_targets(ids, torch.ones(1, 5, dtype=torch.bool), positions)
+    assert target[0, :4].tolist() == [6, 7, 8, 9]
+    assert keep[0].tolist() == [True, True, False, True, False]  # 7 does not predict the next document's 8
+
+
+def test_micro_batches_with_different_target_counts_give_the_one_batch_gradient(setup, tmp_path, monkeypatch):
+    """Plain SGD (update = lr x gradient) instead of AdamW, so the weights show the gradient itself."""
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
+    common = dict(split=(0, 1, 0), steps=1, ce_weight=1.0, distill=1.0, max_grad_norm=0.0, lr=1.0)
+    heal(config(setup, tmp_path / "one", batch_size=2, grad_accum=1, **common))
+    heal(config(setup, tmp_path / "two", batch_size=1, grad_accum=2, **common))
+    stream = PackedStream(split_dev(__import__("mla_retrofit.data", fromlist=["x"]).builtin_chat(), 0.05, 0)[0],
+                          models.load_tokenizer(str(setup / "mla")), 32, 0)
+    _, pos, mask = stream.take(2)
+    counts = [int(ce_targets(torch.zeros_like(pos), m[None], p[None])[1].sum()) for m, p in zip(mask, pos)]
+    assert counts[0] != counts[1]  # the two micro-batches hold different numbers of targets
+    before, one, two = (student_weights(d) for d in (setup / "mla", tmp_path / "one", tmp_path / "two"))
+    moved = max(float((one[k] - before[k]).abs().max()) for k in before)
+    assert moved > 1e-4
+    for k in before:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+
+
+def test_a_tokens_logits_do_not_depend_on_the_document_packed_before_it(setup):
+    from mla_retrofit.sources import load_model
+
+    student = models.load_student(str(setup / "mla")).eval()
+    teacher = load_model(str(setup / "src"))
+    g = torch.Generator().manual_seed(0)
+    doc_a, other_a, doc_b = (torch.randint(1, 512, (10,), generator=g) for _ in range(3))
+    positions = torch.cat([torch.arange(10), torch.arange(10)])[None]
+    for model in (student, teacher):
+        with torch.no_grad():
+            first = model(input_ids=torch.cat([doc_a, doc_b])[None], position_ids=positions, use_cache=False).logits
+            second = model(input_ids=torch.cat([other_a, doc_b])[None], position_ids=positions, use_cache=False).logits
+            alone = model(input_ids=doc_b[None], use_cache=False).logits
+            flat = model(input_ids=torch.cat([other_a, doc_b])[None], use_cache=False).logits
+        torch.testing.assert_close(first[:, 10:], second[:, 10:], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(first[:, 10:], alone, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(flat[:, 10:], first[:, 10:], atol=1e-3)  # without the restart they would differ
+
+
+def test_packed_windows_restart_positions_at_every_document():
+    from tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    texts = ["alpha beta gamma " * 3, "one two " * 2, "x y z " * 9]
+    ids, pos, mask = PackedStream(texts, tok, 16, seed=0).take(4)
+    starts = (pos == 0).sum()
+    assert pos[:, 0].eq(0).all() and starts > 4 and mask.all()
+    for row in pos:  # positions count up by one inside a document
+        diffs = row[1:] - row[:-1]
+        assert ((diffs == 1) | (row[1:] == 0)).all()
+
+
+# -- the fidelity gate -------------------------------------------------------------------------------
+def test_gate_drops_a_harmful_phase_and_keeps_the_input(setup, tmp_path):
+    result = heal(config(setup, tmp_path / "out", split=(0, 1, 0), steps=3, lr=3.0, keep_last=False))
+    phase = result.phases[0]
+    assert not phase.kept and phase.dev_kl_after > phase.dev_kl_before
+    before, after = student_weights(setup / "mla"), student_weights(tmp_path / "out")
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    record = json.loads((tmp_path / "out" / "conversion.json").read_text())["heal"]
+    assert [e["after"] for e in record["dev"]] == ["input", "phase 2 (mla-only)"]
+    kept = heal(config(setup, tmp_path / "kept", split=(0, 1, 0), steps=3, lr=3.0, keep_last=True))
+    assert kept.phases[0].kept
+    assert any(not torch.equal(before[k], v) for k, v in student_weights(tmp_path / "kept").items())
+
+
+def test_gate_keeps_a_phase_that_helps(setup, tmp_path):
+    result = heal(config(setup, tmp_path / "out", split=(1, 2, 0), steps=12, lr=1e-3, keep_last=False,
+                         seq_len=64, dev_windows=4))
+    evals = [e["kl"] for e in result.evals]
+    assert result.phases[-1].kept and evals[-1] < evals[0]
+
+
+# -- checkpoints -------------------------------------------------------------------------------------
+def test_a_heal_killed_during_rotation_resumes_from_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
+    cfg = config(setup, tmp_path / "out", save_every=1, keep_checkpoints=1)
+    heal(config(setup, tmp_path / "ref"))
+    real, calls = heal_state._rotate, []
+
+    def dying(root, keep, current):
+        calls.append(current)
+        if len(calls) == 3:  # the third save: killed after 'latest' moved, while old checkpoints go
+            raise SystemExit("killed")
+        real(root, keep, current)
+
+    monkeypatch.setattr(heal_state, "_rotate", dying)
+    with pytest.raises(SystemExit):
+        heal(cfg)
+    monkeypatch.setattr(heal_state, "_rotate", real)
+    latest = latest_checkpoint(tmp_path / "out" / "checkpoints")
+    assert latest.name == calls[-1]
+    heal(replace(cfg, resume=True))
+    ref, got = student_weights(tmp_path / "ref"), student_weights(tmp_path / "out")
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+
+
+def test_resume_with_an_unreadable_checkpoint_is_an_error_not_a_restart(setup, tmp_path):
+    cfg = config(setup, tmp_path / "out", save_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        heal(cfg, progress=lambda p, s, t, m: (_ for _ in ()).throw(KeyboardInterrupt) if (p, s) == ("mla-only", 1)
+             else None)
+    latest = latest_checkpoint(tmp_path / "out" / "checkpoints")
+    assert read_state(latest).phase == 2
+    (latest / "weights.pt").write_bytes(b"truncated")
+    with pytest.raises(UserError, match="cannot be read"):
+        heal(replace(cfg, resume=True))
+    (latest / "state.json").unlink()
+    with pytest.raises(UserError, match="cannot resume"):
+        heal(replace(cfg, resume=True))
+
+
+# -- a DeepSeek-V3 student ---------------------------------------------------------------------------
+def test_heal_of_a_deepseek_export_trains_and_writes_a_stock_checkpoint(converted, tiny_src, tmp_path):
+    from transformers import DeepseekV3ForCausalLM
+
+    from mla_retrofit.export import export_deepseek
+
+    native = converted("llama", 0.5, rank_allocation="uniform", rope_layout="deepseek")
+    export_deepseek(str(native), str(tmp_path / "engine"), biases=False, verify_tokens=16)
+    out = tmp_path / "healed"
+    result = heal(HealConfig(model=str(tmp_path / "engine"), output=str(out), teacher=str(tiny_src("llama")),
+                             data="builtin-chat", steps=4, seq_len=32, batch_size=2, lr=1e-3, warmup_fraction=0.0,
+                             save_every=0, keep_last=True, dev_windows=2))
+    assert [p.name for p in result.phases] == ["imitate", "mla-only", "full"]
+    config_json = json.loads((out / "config.json").read_text())
+    assert config_json["model_type"] == "deepseek_v3" and "auto_map" not in config_json
+    before = DeepseekV3ForCausalLM.from_pretrained(str(tmp_path / "engine"), dtype=torch.float32).state_dict()
+    after = DeepseekV3ForCausalLM.from_pretrained(str(out), dtype=torch.float32).state_dict()
+    assert before.keys() == after.keys() and not [k for k in after if k.endswith(".bias")]
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(".self_attn.kv_a_proj_with_mqa." in k for k in changed)
+    assert not any("embed_tokens" in k or "lm_head" in k for k in changed)
+
+
+# -- the closed-form refit ---------------------------------------------------------------------------
+def test_refit_lands_each_layer_closer_to_the_teachers_residual_stream(setup, tmp_path):
+    from mla_retrofit.heal.recipe import causal_mask
+    from mla_retrofit.heal.refit import refit_output_projections, teacher_post_attention
+    from mla_retrofit.sources import load_model
+
+    teacher = load_model(str(setup / "src"))
+    ids = torch.randint(1, 512, (4, 32), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(32).expand(4, 32)
+    targets = teacher_post_attention(teacher, ids, pos)
+
+    def errors(student):
+        rec, handles = [], []
+        for layer in student.model.layers:  # residual after attention = layer input + attention output
+            box = {}
+            handles.append(layer.register_forward_pre_hook(lambda m, a, k, b=box: b.update(h=a[0] if a else k["hidden_states"]),
+                                                           with_kwargs=True))
+            handles.append(layer.self_attn.register_forward_hook(lambda m, a, o, b=box: b.update(a=o[0])))
+            rec.append(box)
+        with torch.no_grad():
+            student(input_ids=ids, position_ids=pos, use_cache=False)
+        for h in handles:
+            h.remove()
+        return [float((b["h"] + b["a"] - t).square().sum() / t.square().sum()) for b, t in zip(rec, targets)]
+
+    student = models.load_student(str(setup / "mla")).eval()
+    before = errors(student)
+    mask = causal_mask(student.config, student.model.embed_tokens(ids), pos)
+    refit_output_projections(student, teacher, ids, pos, mask, ridge=1e-3)
+    after = errors(student)
+    assert all(a < b for a, b in zip(after, before)), (before, after)
+    result = heal(config(setup, tmp_path / "out", refit=True, steps=2, split=(0, 1, 0), keep_last=False))
+    assert [p.name for p in result.phases] == ["refit", "mla-only"]
+    assert result.phases[0].dev_kl_before == result.evals[0]["kl"]
