@@ -1,6 +1,7 @@
 """Peak memory of the chunked distillation loss at Qwen2.5-7B's output shape (hidden 3584, vocabulary 152,064).
 
 Runs forward + backward of ``heal.losses.distill_sums`` on random hidden states
+(gradient into the student's hidden states only: heal never trains ``lm_head``)
 and random (float32) output heads in a fresh process each, and reports the peak
 RSS above the process's resident weights, for a few chunk sizes. Each slice of
 ``--chunk`` tokens holds its own logits, so the loss's peak depends on the
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 
@@ -24,7 +24,7 @@ import json, resource, sys, torch
 from mla_retrofit.heal.losses import distill_sums
 tokens, chunk, d, V = (int(a) for a in sys.argv[1:5])
 torch.manual_seed(0)
-head = torch.nn.Linear(d, V, bias=False)
+head = torch.nn.Linear(d, V, bias=False).requires_grad_(False)  # heal never trains lm_head / embeddings
 teacher_head = torch.nn.Linear(d, V, bias=False).requires_grad_(False)
 hidden = torch.randn(2, tokens // 2, d, requires_grad=True)
 teacher_hidden = torch.randn(2, tokens // 2, d)
@@ -51,7 +51,6 @@ def main() -> None:
         slice_mb = chunk * args.vocab * 4 / 2**20
         print(json.dumps({**row, "one_fp32_logit_slice_mb": round(slice_mb, 1),
                           "unchunked_fp32_logits_4x2048_mb": round(4 * 2048 * args.vocab * 4 / 2**20, 1)}))
-    del resource
 
 
 if __name__ == "__main__":

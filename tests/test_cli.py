@@ -100,3 +100,20 @@ def test_version_and_help(workdir):
     for cmd in ("convert", "heal", "bench", "inspect"):
         r = runner.invoke(app, [cmd, "--help"])
         assert r.exit_code == 0 and "Examples" in r.output
+
+
+def test_heal_cli_runs_from_flags_and_a_config_file_of_any_field(tiny_src, workdir):
+    src = str(tiny_src("llama"))
+    assert runner.invoke(app, ["-q", "convert", src, "mla", "--kv-ratio", "0.5", *FAST]).exit_code == 0
+    (workdir / "heal.yaml").write_text("dev_windows: 2\nwarmup_fraction: 0.0\nloss_chunk: 16\nseq_len: 24\n")
+    r = runner.invoke(app, ["heal", "--data", "builtin-chat", "--steps", "3", "--seq-len", "32", "--batch-size", "2",
+                            "--config", "heal.yaml", "--keep-last"])
+    assert r.exit_code == 0, r.output
+    assert "dev split after input" in r.output and "dev split after phase 3 (full)" in r.output
+    saved = json.loads((workdir / "mla-healed" / "heal_config.json").read_text())
+    assert (saved["dev_windows"], saved["loss_chunk"], saved["seq_len"], saved["keep_last"]) == (2, 16, 32, True)
+    (workdir / "bad.yaml").write_text("dev_window: 2\n")
+    r = runner.invoke(app, ["heal", "mla", "other", "--config", "bad.yaml"])
+    assert r.exit_code == 1 and "unknown key 'dev_window'" in r.output
+    r = runner.invoke(app, ["heal", "mla", "other", "--split", "a,b"])
+    assert r.exit_code == 1 and "--split must be 3 numbers" in r.output

@@ -36,7 +36,8 @@ def setup(tmp_path_factory):
 
 def config(root: Path, out: Path, **kw) -> HealConfig:
     base = dict(model=str(root / "mla"), output=str(out), data="builtin-chat", steps=4, seq_len=32, batch_size=2,
-                grad_accum=1, lr=1e-3, warmup_fraction=0.0, save_every=0, keep_last=True, dev_windows=2)
+                grad_accum=1, lr=1e-3, warmup_fraction=0.0, save_every=0, keep_last=True, dev_windows=2,
+                refit=False)
     return HealConfig(**{**base, **kw})
 
 

@@ -17,7 +17,7 @@ PHASES = ("imitate", "mla-only", "full")  # the three healing phases, in order
 #: Defaults filled in when neither the user nor the preset sets a field.
 BASE: dict = dict(
     data=SMOLTALK, steps=300, seq_len=1024, batch_size=4, grad_accum=4, lr=5e-5, full_lr_scale=0.2,
-    warmup_fraction=0.05, save_every=100, full_ce_weight=0.0, samples=512,
+    warmup_fraction=0.05, save_every=100, full_ce_weight=0.0, samples=512, loss_chunk=1024,
 )
 
 #: ``cpu-demo``: SmolLM2-135M on a 2-core CPU, fully offline, distilling on text sampled from the
@@ -31,14 +31,14 @@ PRESETS: dict[str, dict] = {
     ),
     "gpu-7b": dict(
         tokens=500_000_000, seq_len=2048, batch_size=4, grad_accum=8, lr=5e-5, full_lr_scale=0.2,
-        warmup_fraction=0.03, save_every=200, gradient_checkpointing=True, full_ce_weight=0.1,
+        warmup_fraction=0.03, save_every=200, gradient_checkpointing=True, full_ce_weight=0.1, loss_chunk=256,
     ),
 }
 
 #: Fields that may change between an interrupted run and its resumption.
 RESUME_FREE = ("resume", "overwrite", "dry_run", "save_every", "log_every", "keep_checkpoints", "engine", "cleanup",
                "eval_every")
-FILLED = ("data", "seq_len", "batch_size", "grad_accum", "lr", "full_lr_scale", "warmup_fraction", "save_every",
+FILLED = ("loss_chunk", "data", "seq_len", "batch_size", "grad_accum", "lr", "full_lr_scale", "warmup_fraction", "save_every",
           "gradient_checkpointing", "full_ce_weight", "samples")
 
 
@@ -67,7 +67,7 @@ class HealConfig:
     distill: float = 1.0  # phases 2 and 3: weight of KL(teacher || student), every position, full vocabulary
     ce_weight: float = 0.0  # phase 2: weight of next-token loss on the target tokens
     full_ce_weight: float | None = None  # phase 3: the same (gpu-7b: 0.1 on instruction data)
-    loss_chunk: int = 1024  # tokens per slice of the chunked KL (no full B x T x V float32 tensor)
+    loss_chunk: int | None = None  # tokens per slice (default 1024; gpu-7b 256) of the chunked KL (no full B x T x V float32 tensor)
     dev_fraction: float = 0.05  # share of the training documents held out as the dev split of the gate
     dev_windows: int = 8  # dev windows of seq_len tokens scored by the gate
     eval_every: int = 0  # also score the dev split every N steps inside a phase (0: only at phase ends)
