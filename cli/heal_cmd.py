@@ -17,28 +17,15 @@ import typer
 from mla_retrofit.errors import UserError
 
 from . import state
-from .main import _plain, app, console, info, pick, progress_bar, user_errors
+from .main import _plain, app, console, info, pick, progress_bar, read_config_file, user_errors
 
 NOT_FROM_FILE = ("model", "output")
 
 
 def _config_file(path: Path | None, names: set[str]) -> dict:
-    if path is None:
-        return {}
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist")
-    text = path.read_text()
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            loaded = yaml.safe_load(text) or {}
-        else:
-            loaded = json.loads(text)
-    except Exception as e:
-        raise UserError(f"cannot parse config file {path} ({e})") from e
+    """Every key of the ``--config`` file, checked against HealConfig's fields."""
     out = {}
-    for key, value in loaded.items():
+    for key, value in (read_config_file(path) if path is not None else {}).items():
         k = key.replace("-", "_")
         if k not in names or k in NOT_FROM_FILE:
             raise UserError(f"unknown key '{key}' in {path}; valid keys: {', '.join(sorted(names - set(NOT_FROM_FILE)))}")

@@ -74,10 +74,8 @@ def progress_bar():
                     disable=VERBOSITY["level"] == 0, transient=False)
 
 
-def merge_config_file(ctx: typer.Context, config: Optional[Path], values: dict) -> dict:
-    """Values from ``--config`` (YAML or JSON, keys = option names) under flags given on the command line."""
-    if config is None:
-        return values
+def read_config_file(config: Path) -> dict:
+    """The mapping in a YAML or JSON ``--config`` file; a one-line error when missing or unparsable."""
     if not config.is_file():
         raise UserError(f"config file {config} does not exist")
     text = config.read_text()
@@ -90,6 +88,16 @@ def merge_config_file(ctx: typer.Context, config: Optional[Path], values: dict) 
             loaded = json.loads(text)
     except Exception as e:
         raise UserError(f"cannot parse config file {config} ({e})") from e
+    if not isinstance(loaded, dict):
+        raise UserError(f"config file {config} must hold a mapping of option names to values")
+    return loaded
+
+
+def merge_config_file(ctx: typer.Context, config: Optional[Path], values: dict) -> dict:
+    """Values from ``--config`` (YAML or JSON, keys = option names) under flags given on the command line."""
+    if config is None:
+        return values
+    loaded = read_config_file(config)
     out = dict(values)
     for key, val in loaded.items():
         k = key.replace("-", "_")

@@ -130,7 +130,7 @@ def _hub_records(dataset_id: str, split: str, config: str | None, max_rows: int,
     if not hub_reachable():
         raise UserError(
             f"cannot reach the Hugging Face Hub to load dataset '{dataset_id}' (offline?); "
-            "pass a local .jsonl/.parquet/.txt file, or 'builtin-chat' / 'builtin'"
+            "pass a local .jsonl/.parquet/.txt file (for heal: or --data teacher-samples, which needs no download)"
         )
     try:
         import datasets
@@ -142,7 +142,7 @@ def _hub_records(dataset_id: str, split: str, config: str | None, max_rows: int,
     except Exception as e:
         raise UserError(
             f"cannot load dataset '{dataset_id}' ({type(e).__name__}); offline? "
-            "pass a local .jsonl/.parquet/.txt file or 'builtin'"
+            "pass a local .jsonl/.parquet/.txt file (for heal: or --data teacher-samples)"
         ) from e
 
 
