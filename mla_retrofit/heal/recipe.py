@@ -248,10 +248,6 @@ class HealRecipe:
                 raise UserError(f"checkpoint {checkpoint} does not match {self.cfg.model} ({unexpected[0]}, ...)")
         return model
 
-    def start_checkpoint(self, state: ResumeState) -> str | None:
-        """The checkpoint directory the state's weights are in: the latest (mid-phase or phase end), or None."""
-        return state.checkpoint or None
-
     def phase_module(self, phase: PhasePlan, student):
         if phase.name == "imitate":
             teacher = self.teacher()
