@@ -25,23 +25,6 @@ class DevScore:
         return asdict(self)
 
 
-class HiddenTap:
-    """Records the output ``last_hidden_state`` of a decoder stack (``model.model``) during a forward."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.module, self.hidden, self.handle = module, None, None
-
-    def _hook(self, _module, _args, output):
-        self.hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-
-    def __enter__(self) -> HiddenTap:
-        self.handle = self.module.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.handle.remove()
-
-
 @torch.no_grad()
 def dev_score(student, teacher, ids: torch.Tensor, positions: torch.Tensor, batch_size: int = 2,
               chunk: int = 1024) -> DevScore:

@@ -47,43 +47,38 @@ def set_trainable(module: nn.Module, phase: str) -> list[nn.Parameter]:
     return trainable
 
 
-STUDENT_TYPES = ("mla_retrofit", "deepseek_v3")
 FROZEN_IN_FULL = ("embed_tokens", "lm_head")  # phase 3 keeps the (often tied) embeddings and output head
+
+
+def _deepseek_classes():
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    return DeepseekV3Config, DeepseekV3ForCausalLM
+
+
+#: config.json ``model_type`` -> (config class, model class) of the students a heal accepts
+STUDENTS = {"mla_retrofit": lambda: (MLARetrofitConfig, MLARetrofitForCausalLM), "deepseek_v3": _deepseek_classes}
 
 
 def student_type(directory: str) -> str:
     """``mla_retrofit`` or ``deepseek_v3``; a one-line error for anything else."""
     cfg = Path(directory) / "config.json"
     kind = json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else None
-    if kind not in STUDENT_TYPES:
+    if kind not in STUDENTS:
         raise UserError(f"{directory} is neither a converted MLA checkpoint nor a DeepSeek-V3 export; "
                         "run 'mla-retrofit convert' (and optionally 'mla-retrofit export') first")
     return kind
 
 
-def student_config(directory: str):
-    if student_type(directory) == "mla_retrofit":
-        return MLARetrofitConfig.from_pretrained(directory)
-    from transformers import DeepseekV3Config
-
-    return DeepseekV3Config.from_pretrained(directory)
-
-
-def mla_config(directory: str) -> MLARetrofitConfig:
-    if student_type(directory) != "mla_retrofit":
-        raise UserError(f"{directory} is not a native MLA checkpoint (from 'mla-retrofit convert')")
-    return MLARetrofitConfig.from_pretrained(directory)
+def student_classes(directory: str):
+    """(config class, model class) of the student in ``directory``."""
+    return STUDENTS[student_type(directory)]()
 
 
 def load_student(directory: str):
     """The student in float32 (the training master copy), SDPA attention."""
-    if student_type(directory) == "mla_retrofit":
-        model = MLARetrofitForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa")
-    else:
-        from transformers import DeepseekV3ForCausalLM
-
-        model = DeepseekV3ForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa")
-    return model.train()
+    _, model_cls = student_classes(directory)
+    return model_cls.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa").train()
 
 
 def save_student(model, directory: Path, tokenizer, extra_files: dict[str, str]) -> None:
@@ -111,14 +106,9 @@ def load_tokenizer(directory: str):
 
 def param_counts(directory: str) -> dict[str, int]:
     """``attention`` (MLA), ``full`` (what phase 3 trains) and ``total`` parameter counts, from the config alone."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = student_config(directory)
+    config_cls, model_cls = student_classes(directory)
     with torch.device("meta"):
-        if isinstance(cfg, MLARetrofitConfig):
-            model = MLARetrofitForCausalLM(cfg)
-        else:
-            model = AutoModelForCausalLM.from_config(cfg)
+        model = model_cls(config_cls.from_pretrained(directory))
     named = dict(model.named_parameters())  # tied weights appear once
     return {"attention": sum(p.numel() for n, p in named.items() if is_attention(n)),
             "full": sum(p.numel() for n, p in named.items() if trains_in_full(n)),
@@ -208,3 +198,20 @@ class TeacherTap:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+
+
+class HiddenTap:
+    """Records the ``last_hidden_state`` a decoder stack (``model.model``) outputs during a forward."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.hidden, self.handle = module, None, None
+
+    def _hook(self, _module, _args, output):
+        self.hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    def __enter__(self) -> HiddenTap:
+        self.handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()

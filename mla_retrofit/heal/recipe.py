@@ -42,7 +42,7 @@ from . import models, samples
 from .config import HealConfig
 from .data import PackedStream, split_dev
 from .engine import make_engine, rng_state, seed_everything, set_rng_state
-from .gate import DevScore, HiddenTap, dev_score
+from .gate import DevScore, dev_score
 from .loop import Batch, PhaseResult, PhaseRun, lr_lambda
 from .losses import distill_sums, imitation_loss
 from .plan import PhasePlan, Plan, make_plan
@@ -348,7 +348,7 @@ class HealRecipe:
             with torch.no_grad():
                 teacher_hidden = teacher.model(input_ids=batch.ids, position_ids=batch.positions,
                                                use_cache=False).last_hidden_state
-        with HiddenTap(student.model) as tap:  # through the wrapper (DDP/FSDP hooks), one logit position only
+        with models.HiddenTap(student.model) as tap:  # through the wrapper (DDP/FSDP hooks), one logit position only
             wrapped(input_ids=batch.ids, position_ids=batch.positions, use_cache=False, logits_to_keep=1)
         sums = distill_sums(tap.hidden, student.lm_head, teacher_hidden, teacher.lm_head, batch.kd_mask,
                             batch.target, batch.ce_mask if ce_weight > 0 else None, self.cfg.loss_chunk)
