@@ -48,11 +48,11 @@ class LayerStats:
     def query_m2(self) -> torch.Tensor:
         return self.q_m2 / self.n_tokens
 
-    def attended_cov(self) -> torch.Tensor | None:
-        """``E[(u~ - mu)(u~ - mu)^T]`` per group, centred on the token mean ``mu`` (``[n_kv, 2n, 2n]``)."""
+    def attended_cov(self, centre: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``E[(u~ - mu)(u~ - mu)^T]`` per group (``[n_kv, 2n, 2n]``), ``mu`` the token mean unless ``centre`` is given."""
         if self.att_m2 is None or self.att_count == 0:
             return None
-        mu, m1 = self.mean(), self.att_sum / self.att_count
+        mu, m1 = (self.mean() if centre is None else centre), self.att_sum / self.att_count
         m2 = self.att_m2 / self.att_count
         return m2 - mu[:, None] * m1[:, None, :] - m1[:, :, None] * mu + torch.outer(mu, mu)
 

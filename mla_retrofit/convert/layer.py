@@ -132,6 +132,17 @@ class Targets:
     mean: torch.Tensor
     m2: torch.Tensor
 
+    def key_centred_m2(self) -> torch.Tensor:
+        """``E[(y - m_k)(y - m_k)^T]`` with ``m_k`` the key rows of the mean (value rows 0).
+
+        The error a bias-free latent makes on the keys matters only up to a constant shift
+        (a constant key offset adds the same score to every key of a query); on the values it
+        does not (a constant value offset reaches the output).
+        """
+        m_k = self.mean.clone()
+        m_k[self.n_k :] = 0
+        return self.m2 - torch.outer(m_k, self.mean) - torch.outer(self.mean, m_k) + torch.outer(m_k, m_k)
+
 
 def targets(stats: LayerStats, plan: LayerPlan) -> Targets:
     n_kv, h = stats.n_kv, stats.head_dim
@@ -169,7 +180,9 @@ def metric(stats: LayerStats, plan: LayerPlan, tg: Targets, w: AttnWeights, n_he
     return out
 
 
-def factorization(method: str, stats: LayerStats, tg: Targets, w: AttnWeights, rank: int, g: torch.Tensor | None):
+def factorization(method: str, stats: LayerStats, tg: Targets, w: AttnWeights, rank: int, g: torch.Tensor | None,
+                  centre: bool = True):
+    """``centre=False`` gives a bias-free latent ``c = B y`` (no mean subtracted, none added back)."""
     if method == "weight-svd":
         w_kv = torch.cat([w.w_k, w.w_v], dim=0)
         return factorize.weight_svd(tg.t @ w_kv, rank)
@@ -181,17 +194,20 @@ def factorization(method: str, stats: LayerStats, tg: Targets, w: AttnWeights, r
         d = torch.cat([torch.full((n_k,), 1 / e_k.item()), torch.full((tg.m2.shape[0] - n_k,), 1 / e_v.item())])
         fact = factorize.activation_pca(tg.m2, torch.zeros_like(tg.mean), rank, torch.diag(d).double())
         return fact
+    if not centre:
+        return factorize.activation_pca(tg.key_centred_m2(), torch.zeros_like(tg.mean), rank, g)
     return factorize.activation_pca(tg.cov, tg.mean, rank, g)
 
 
-def refit_values(fact, tg: Targets, stats: LayerStats, eps: float = 1e-6):
+def refit_values(fact, tg: Targets, stats: LayerStats, eps: float = 1e-6, centre: torch.Tensor | None = None):
     """Least-squares value up-projection for the latent ``fact`` already chose, judged on attention outputs.
 
     A head outputs ``W_o,i sum_n a_imn v_n``: with the down-projection fixed, the value rows of
     ``up`` that minimise that error are ``Cov(v~, c~) Cov(c~)^-1`` with ``c~ = B (u~ - mu)``, using the
-    attention-averaged statistics of each KV group's heads. Returns ``None`` without those statistics.
+    attention-averaged statistics of each KV group's heads (``mu`` = ``centre``, default the token
+    mean; zeros for a bias-free latent). Returns ``None`` without those statistics.
     """
-    att = stats.attended_cov()
+    att = stats.attended_cov(centre)
     if att is None:
         return None
     h, n_k = stats.head_dim, tg.n_k

@@ -52,6 +52,7 @@ class ConvertConfig:
     eval_seq_len: int = 256
     value_fit: str = "attention"
     rope_layout: str = "free"
+    centre: bool = True  # False: bias-free latent (no centring), exact in the bias-free engine export
     att_samples: int = 16
     dtype: str = "auto"
     overwrite: bool = False
@@ -169,8 +170,9 @@ class Converter:
         self.budget = resolve_budget(cfg, self.n_kv, self.head_dim)
         if cfg.rope_layout == "deepseek":
             half, pairs = self.head_dim // 2, self.budget.rope_dim // 2
-            if pairs == 0 or pairs > half or half % pairs:
-                raise UserError(f"--rope-layout deepseek needs --rope-dim/2 to divide head_dim/2 = {half}, got {pairs}")
+            if pairs == 0 or pairs > half:
+                raise UserError(f"--rope-layout deepseek needs --rope-dim between 2 and head_dim = {2 * half}, "
+                                f"got {2 * pairs}")
         self.rotary = self.spec.rotary_class()(config=c)
         self.dtype = self._out_dtype()
 
@@ -209,14 +211,18 @@ class Converter:
             num_hidden_layers=len(ranks), num_attention_heads=self.n_heads, kv_groups=self.n_kv,
             num_key_value_heads=self.n_kv, head_dim=self.head_dim, hidden_act=c.hidden_act,
             max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-            rope_parameters=dict(c.rope_parameters), attention_bias=self.source.weights.has(
-                self.spec.layer_prefix.format(i=0) + "self_attn.q_proj.bias"),
-            kv_a_bias=True, o_bias=True, mlp_bias=getattr(c, "mlp_bias", False), qk_norm=self.normed,
+            rope_parameters=dict(c.rope_parameters), attention_bias=self.source_has_bias("q_proj"),
+            # centring gives the latent and the output projection biases; without it only source biases remain
+            kv_a_bias=self.cfg.centre or self.source_has_bias("k_proj") or self.source_has_bias("v_proj"),
+            o_bias=self.cfg.centre or self.source_has_bias("o_proj"), mlp_bias=getattr(c, "mlp_bias", False), qk_norm=self.normed,
             latent_input="normed_keys" if self.normed else "hidden", kv_lora_ranks=ranks, rope_freq_idx=freq_idx,
             sliding_window=self.sliding, tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
             pad_token_id=c.pad_token_id, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
             source_model=self.cfg.model, source_model_type=c.model_type,
         )
+
+    def source_has_bias(self, proj: str) -> bool:
+        return self.source.weights.has(self.spec.layer_prefix.format(i=0) + f"self_attn.{proj}.bias")
 
     # -- pass A: statistics and RoPE plans --------------------------------------------------------
     def _run_layer(self, layer, hidden: torch.Tensor, cos, sin, stats: LayerStats | None) -> torch.Tensor:
@@ -336,17 +342,19 @@ class Converter:
         mla_cos, mla_sin = MLARetrofitRotaryEmbedding(mla_cfg)(x, torch.arange(t).unsqueeze(0))
         best = None
         alphas = ALPHAS if (self.cfg.method == "mla" and tg.n_k and rank < tg.cov.shape[0]) else (None,)
-        mu_u = stats.mean() if self.cfg.method == "mla" else torch.zeros_like(stats.mean())
+        centred = self.cfg.method == "mla" and self.cfg.centre
+        mu_u = stats.mean() if centred else torch.zeros_like(stats.mean())
         pos = (mla_cos.expand(x.shape[0], -1, -1), mla_sin.expand(x.shape[0], -1, -1))
         for alpha in alphas:
             g = metric(stats, plan, tg, w, self.n_heads, alpha if alpha is not None else 1.0) if self.cfg.method == "mla" else None
-            fact = factorization(self.cfg.method, stats, tg, w, rank, g)
+            fact = factorization(self.cfg.method, stats, tg, w, rank, g, self.cfg.centre)
             candidates = [(fact, "token")]
-            refit = refit_values(fact, tg, stats) if self.cfg.method == "mla" else None
+            refit = refit_values(fact, tg, stats, centre=mu_u) if self.cfg.method == "mla" else None
             if refit is not None:
                 candidates.append((refit, "attention"))
             for cand, value_fit in candidates:
                 state = attention_state(w, plan, tg, cand, mu_u, self.n_heads, self.head_dim, self.normed)
+                state = drop_zero_biases(state, mla_layer.self_attn.state_dict().keys())
                 mla_layer.self_attn.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
                 with torch.no_grad():
                     out = mla_layer.self_attn(x, position_embeddings=pos)[0]
@@ -399,6 +407,15 @@ class Converter:
                         "platform": platform.platform(), "cpus": torch.get_num_threads()},
             "notes": self.notes,
         }
+
+
+def drop_zero_biases(state: dict, wanted) -> dict:
+    """Leave out the bias tensors the MLA layer has no parameter for (they are zero: a bias-free latent)."""
+    extra = [k for k in state if k not in wanted]
+    for k in extra:
+        if not k.endswith(".bias") or float(state[k].abs().max()) > 0:
+            raise RuntimeError(f"conversion produced '{k}' but the MLA layer has no such parameter")
+    return {k: v for k, v in state.items() if k in wanted}
 
 
 def _keep_freqs(plan, first_plan):

@@ -81,12 +81,16 @@ def first_frequency_pairs(n_kv: int, head_dim: int, n_pairs: int) -> list[tuple[
 
 
 def deepseek_pairs(head_dim: int, n_pairs: int) -> list[tuple[int, int]]:
-    """Component 0 of every ``stride``-th frequency: a geometric frequency table, as DeepSeek's RoPE builds."""
+    """Component 0 of the ``n_pairs`` fastest frequencies ``t = 0 .. n_pairs-1``.
+
+    They form a geometric table, as DeepSeek's RoPE builds, with ``theta' = theta ** (2 n_pairs / h)``.
+    Measured on SmolLM2-135M (h = 64) at 50% KV: with 16 pairs, keeping ``t = 0..15`` gives 1.93x
+    the original's held-out perplexity where every other frequency (``t = 0, 2, .., 30``) gives 4.49x.
+    """
     half = head_dim // 2
-    if n_pairs == 0 or half % n_pairs:
-        raise ValueError(f"d_R/2 = {n_pairs} must divide head_dim/2 = {half} for a DeepSeek RoPE layout")
-    stride = half // n_pairs
-    return [(0, t) for t in range(0, half, stride)]
+    if not 0 < n_pairs <= half:
+        raise ValueError(f"d_R/2 = {n_pairs} must be in 1..head_dim/2 = {half} for a DeepSeek RoPE layout")
+    return [(0, t) for t in range(n_pairs)]
 
 
 def top_pairs(cost: torch.Tensor, n_pairs: int) -> list[tuple[int, int]]:

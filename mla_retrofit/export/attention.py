@@ -17,6 +17,11 @@ the kept pairs in DeepSeek's table slots (``alpha_R`` also corrects the two
 tables' cos/sin factors); ``c'' = c`` up to ``delta`` through the constant
 channel of :mod:`latent_norm`. A query bias needs a constant somewhere before
 ``q_b_proj``: the ``q_lora`` path carries it through its own constant channel.
+
+The engine form (``with_bias=False``) has no bias anywhere: the latent norm runs
+in its linear regime instead (:func:`latent_norm.linear_norm`), and whatever
+bias the native layer has is left out (exact when the native layer has none:
+a bias-free conversion, ``convert --no-centre``, of a bias-free family).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .latent_norm import ConstantChannel, constant_channel, latent_bound
+from .latent_norm import ConstantChannel, LinearNorm, constant_channel, latent_bound, linear_norm
 from .rope_table import rope_rows, scatter_rows
 
 
@@ -101,15 +106,16 @@ def kv_tensors(nat: NativeAttention, geo: LayerGeometry, slots: list[int], with_
     a_w = torch.zeros(r_out + d_r, nat.kv_a_w.shape[1], dtype=torch.float64)
     a_b = torch.zeros(r_out + d_r, dtype=torch.float64)
     norm_w = torch.zeros(r_out, dtype=torch.float64)
-    channel = None
+    channel: ConstantChannel | LinearNorm
     if with_bias:
         channel = constant_channel(latent_bound(w_c, b_c, nat.input_norm), n=r_out)
         a_w[:r], a_b[:r] = channel.lam * w_c, channel.lam * b_c
         a_b[r_out - 1] = channel.k
         norm_w[: r_out - 1] = channel.w  # the constant channel keeps weight 0: the cache stores 0 there
     else:
-        a_w[:r] = w_c
-        norm_w[:] = 1.0
+        channel = linear_norm(latent_bound(w_c, None, nat.input_norm), n=r_out)
+        a_w[:r] = channel.lam * w_c
+        norm_w[:] = channel.w
     a_w[r_out:] = scatter_rows(w_r, rows, d_r)
     a_b[r_out:] = scatter_rows(b_r, rows, d_r)
     b_w = kv_b_weight(nat, geo)
@@ -157,7 +163,7 @@ def q_lora_tensors(w_q: torch.Tensor, b_q: torch.Tensor, input_norm: torch.Tenso
 def attention_tensors(nat: NativeAttention, geo: LayerGeometry, slots: list[int], with_bias: bool):
     """``{name: tensor}`` of ``DeepseekV3Attention`` for one layer, plus the constant channels used."""
     out: dict[str, torch.Tensor] = {}
-    channels: dict[str, ConstantChannel] = {}
+    channels: dict[str, ConstantChannel | LinearNorm] = {}
     w_q, b_q = full_query(nat, geo, slots)
     if geo.q_lora_rank is not None:
         a_w, a_b, n_w, b_w, ch = q_lora_tensors(w_q, b_q, nat.input_norm, geo.q_lora_rank)
@@ -171,6 +177,5 @@ def attention_tensors(nat: NativeAttention, geo: LayerGeometry, slots: list[int]
     if with_bias:
         out["kv_a_proj_with_mqa.bias"] = a_b
         out["o_proj.bias"] = nat.o_b if nat.o_b is not None else torch.zeros(nat.o_w.shape[0], dtype=torch.float64)
-    if ch is not None:
-        channels["kv"] = ch
+    channels["kv"] = ch
     return out, channels

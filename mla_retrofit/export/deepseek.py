@@ -20,6 +20,7 @@ The whole directory appears only when complete (:func:`atomic_dir`).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,7 @@ from ..checkpoint import ShardWriter, atomic_dir
 from ..errors import UserError
 from ..modeling.configuration_mla import MLARetrofitConfig
 from ..modeling.modeling_mla import MLARetrofitRotaryEmbedding
+from .latent_norm import DS_NORM_EPS
 from .attention import LayerGeometry, NativeAttention, attention_tensors
 from .rope_table import RopeTable, fit_rope_table
 from .verify import StreamCheck
@@ -53,19 +55,22 @@ class ExportConfig:
     pad_ranks: bool = False  # zero-pad per-layer latent ranks to the largest
     flashmla: bool = False  # kv_lora_rank 512 + qk_rope_head_dim 64 (FlashMLA decode kernels)
     pad_rope: bool = False  # allow empty RoPE table slots (other layers' frequencies, or gaps)
-    biases: bool = True  # exact form (needs attention_bias); False: bias-free, approximate, engine-loadable
+    engine: bool = False  # the form engines run: no biases, linear-regime latent norm, eps 1e-6 everywhere
+    biases: bool = True  # legacy spelling: biases=False is engine=True
     rope_interleave: bool = True  # vLLM/SGLang always rotate interleaved pairs
     dtype: str = "auto"
     verify_tokens: int = 64
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        self.engine = self.engine or not self.biases
+        self.biases = not self.engine
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
             raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
         if self.verify_tokens < 0:
             raise UserError("verify_tokens must be >= 0")
-        if not self.biases and self.verify_tokens < 8:
-            raise UserError("biases=False fits each layer's latent norm on the verification tokens: keep verify_tokens >= 8")
 
 
 @dataclass
@@ -83,12 +88,14 @@ class ExportReport:
     cache_values_native: int  # per token, all layers
     cache_values_export: int
     cache_breakdown: dict  # where the export's extra cache values go
-    exact: bool  # exact re-parameterisation (up to delta_bound) in transformers
+    exact: bool  # exact re-parameterisation (up to delta_bound and rounding)
     delta_bound: float  # worst-case relative latent/query shrink from the constant channels
     engine_compatible: bool  # no known reason (from reading vLLM's source; not run) for engines to compute another function
     fidelity: dict | None  # measured against the native model (KL per token etc.)
     fidelity_note: str = ""
     notes: list[str] = field(default_factory=list)
+    dropped_biases: dict = field(default_factory=dict)  # engine form: native bias left out -> largest |value|
+    residual_scale: float = 1.0  # engine form: residual stream scaled so that every RMSNorm can use eps 1e-6
     seconds: float = 0.0
 
     @property
@@ -171,6 +178,7 @@ class DeepseekExporter:
         self.weights = SafetensorsWeights(self.src)
         self.notes: list[str] = []
         self.dtype = out_dtype(cfg.dtype, native_dtype, self.notes)
+        self.dropped: dict[str, float] = {}
         self.plan()
 
     # -- planning ----------------------------------------------------------------------------------
@@ -183,7 +191,12 @@ class DeepseekExporter:
                 f"FlashMLA needs qk_rope_head_dim {FLASHMLA_ROPE}; this model keeps {max(rope_dims)} RoPE dims per layer: "
                 f"re-convert with --rope-dim {FLASHMLA_ROPE} (or less) and --rope-layout deepseek"
             )
-        self.rank = plan_rank(c.kv_lora_ranks, 1 if cfg.biases else 0, cfg.pad_ranks, cfg.flashmla)
+        self.rank = plan_rank(c.kv_lora_ranks, 0 if cfg.engine else 1, cfg.pad_ranks, cfg.flashmla)
+        # Engines normalise the latent with the config's rms_norm_eps, transformers with 1e-6: the engine form
+        # uses 1e-6 everywhere and scales the residual stream by s = sqrt(1e-6 / eps), which leaves every
+        # RMSNorm's output unchanged (norm(s h; s^2 eps) = norm(h; eps)).
+        self.eps = DS_NORM_EPS if cfg.engine else c.rms_norm_eps
+        self.resid_scale = math.sqrt(DS_NORM_EPS / c.rms_norm_eps) if cfg.engine else 1.0
         src_inv, self.src_scaling = MLARetrofitRotaryEmbedding.compute_inv_freq(c)
         self.table: RopeTable = fit_rope_table(
             c.rope_freq_idx, src_inv, dict(c.rope_parameters), h, c.max_position_embeddings,
@@ -192,11 +205,7 @@ class DeepseekExporter:
         self.notes.extend(self.table.notes)
         q_bias = self.weights.has("model.layers.0.self_attn.q_proj.bias")
         q_rows = c.num_attention_heads * (h + self.table.dim)
-        q_lora = min(c.hidden_size, q_rows) + 1 if (q_bias and cfg.biases) else None
-        if q_bias and not cfg.biases:
-            self.notes.append("the query bias is dropped (biases=False)")
-        if not cfg.biases and c.rms_norm_eps != 1e-6:
-            self.notes.append(f"vLLM normalises the latent with eps={c.rms_norm_eps}, transformers with 1e-6")
+        q_lora = min(c.hidden_size, q_rows) + 1 if (q_bias and not cfg.engine) else None
         self.ds_config = self.build_ds_config(q_lora)
         s_ds = self.ds_softmax_scale()
         alpha = h**-0.5 / s_ds
@@ -231,9 +240,9 @@ class DeepseekExporter:
             kv_lora_rank=self.rank, q_lora_rank=q_lora, qk_rope_head_dim=self.table.dim,
             qk_nope_head_dim=c.head_dim, v_head_dim=c.head_dim, hidden_act=c.hidden_act,
             max_position_embeddings=c.max_position_embeddings, initializer_range=c.initializer_range,
-            rms_norm_eps=c.rms_norm_eps, use_cache=True, pad_token_id=c.pad_token_id, bos_token_id=c.bos_token_id,
+            rms_norm_eps=self.eps, use_cache=True, pad_token_id=c.pad_token_id, bos_token_id=c.bos_token_id,
             eos_token_id=c.eos_token_id, tie_word_embeddings=False, rope_parameters=dict(self.table.rope_parameters),
-            rope_interleave=self.cfg.rope_interleave, attention_bias=self.cfg.biases, attention_dropout=0.0,
+            rope_interleave=self.cfg.rope_interleave, attention_bias=not self.cfg.engine, attention_dropout=0.0,
             num_mtp_layers=0,
         )
         cfg.architectures = ["DeepseekV3ForCausalLM"]
@@ -256,14 +265,22 @@ class DeepseekExporter:
             o_w=get("o_proj.weight"), o_b=get("o_proj.bias"), input_norm=state["input_layernorm.weight"].double(),
         )
 
-    def layer_tensors(self, i: int, state: dict, check: StreamCheck | None):
+    def layer_tensors(self, i: int, state: dict):
         nat = self.native_attention(state)
-        attn, channels = attention_tensors(nat, self.geometry, self.table.slots[i], self.cfg.biases)
-        if not self.cfg.biases:
-            attn["kv_a_layernorm.weight"][:] = check.latent_rms(i, state, self.rank)
-        out = {f"self_attn.{k}": v.to(self.dtype) for k, v in attn.items()}
-        out.update({k: state[k].to(self.dtype) for k in MLP_AND_NORMS})
-        return out, channels
+        attn, channels = attention_tensors(nat, self.geometry, self.table.slots[i], not self.cfg.engine)
+        out = {f"self_attn.{k}": v for k, v in attn.items()}
+        out.update({k: state[k] for k in MLP_AND_NORMS})
+        if self.cfg.engine:
+            self.note_dropped_biases(state)
+            for k in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):  # the layer's writes to the residual
+                out[k] = out[k].double() * self.resid_scale
+        return {k: v.to(self.dtype) for k, v in out.items()}, channels
+
+    def note_dropped_biases(self, state: dict) -> None:
+        for name in ("q_proj.bias", "kv_a_proj.bias", "o_proj.bias"):
+            t = state.get("self_attn." + name)
+            if t is not None:
+                self.dropped[name] = max(self.dropped.get(name, 0.0), float(t.abs().max()))
 
     # -- the run -------------------------------------------------------------------------------------
     def verification_ids(self) -> torch.Tensor | None:
@@ -288,13 +305,13 @@ class DeepseekExporter:
         c = self.native
         ids = self.verification_ids()
         embed = self.weights.get("model.embed_tokens.weight")
-        check = StreamCheck(c, self.ds_config, ids, embed) if ids is not None else None
+        check = StreamCheck(c, self.ds_config, ids, embed, self.resid_scale) if ids is not None else None
         channels: list[dict] = []
         with atomic_dir(Path(self.cfg.output), self.cfg.overwrite) as tmp:
             writer = ShardWriter(tmp)
             for i in range(c.num_hidden_layers):
                 state = self.native_layer(i)
-                ds_state, ch = self.layer_tensors(i, state, check)
+                ds_state, ch = self.layer_tensors(i, state)
                 channels.append({k: v.as_dict() for k, v in ch.items()})
                 if check is not None:
                     check.layer(i, state, ds_state)
@@ -311,9 +328,14 @@ class DeepseekExporter:
         w = self.weights
         head = w.get("lm_head.weight") if w.has("lm_head.weight") else embed
         norm = w.get("model.norm.weight")
-        writer.add("model.embed_tokens.weight", embed.to(self.dtype))
-        writer.add("model.norm.weight", norm.to(self.dtype))
-        writer.add("lm_head.weight", head.to(self.dtype).clone())  # explicit (and unshared) even when tied
+        # Engine form: the head reads the final norm's output, so 1/s on the norm and s on the head keep the
+        # logits; a tied head then stays equal to the (scaled) embeddings (llama.cpp can share one tensor).
+        s = self.resid_scale
+        ds_embed, ds_norm, ds_head = ((embed.double() * s).to(self.dtype), (norm.double() / s).to(self.dtype),
+                                      (head.double() * s).to(self.dtype))
+        writer.add("model.embed_tokens.weight", ds_embed)
+        writer.add("model.norm.weight", ds_norm)
+        writer.add("lm_head.weight", ds_head.clone())  # explicit (and unshared) even when tied
         self.ds_config.save_pretrained(str(tmp))
         copied = [name for name in TOKENIZER_FILES if (self.src / name).is_file()]
         for name in copied:
@@ -322,12 +344,12 @@ class DeepseekExporter:
             self.notes.append("no tokenizer files in the native checkpoint; none copied")
         if check is None:
             return None
-        return check.finish(norm, head, norm.to(self.dtype), head.to(self.dtype))
+        return check.finish(norm, head, ds_norm, ds_head)
 
     # -- records ---------------------------------------------------------------------------------------
     def cache_breakdown(self) -> dict:
         c, n_layers = self.native, self.native.num_hidden_layers
-        extra = 1 if self.cfg.biases else 0
+        extra = 0 if self.cfg.engine else 1
         latent = sum(c.kv_lora_ranks)
         rope_native = sum(2 * len(f) for f in c.rope_freq_idx)
         return {
@@ -344,21 +366,27 @@ class DeepseekExporter:
         native_total = sum(c.cache_values_per_token())
         export_total = c.num_hidden_layers * (self.rank + self.table.dim)
         delta = max((ch["delta_bound"] for layer in channels for ch in layer.values()), default=0.0)
-        engine = (not self.cfg.biases) and self.table.engine_ok and self.cfg.rope_interleave
-        if self.cfg.biases:
+        engine = self.cfg.engine and self.table.engine_ok and self.cfg.rope_interleave
+        dropped = {k: v for k, v in self.dropped.items() if v > 0}
+        if dropped:
+            hint = (" the native model has no source biases: re-convert with --no-centre for an exact engine form"
+                    if not self.native.attention_bias and self.dropped.get("kv_a_proj.bias", 0) > 0 else
+                    " (source biases such as Qwen2's q/k/v: heal this form before serving)")
+            self.notes.append(f"engine form leaves out nonzero native biases {sorted(dropped)};" + hint)
+        if not self.cfg.engine:
             self.notes.append(
                 "vLLM builds DeepSeek attention without biases and skips bias tensors when loading (SGLang's "
                 "projections are bias-free too): this exact export is for transformers; engines would silently "
-                "compute another function (export with biases=False and heal for engines)"
+                "compute another function (export with --engine for engines)"
             )
         return ExportReport(
             output=self.cfg.output, source=str(self.src), layers=c.num_hidden_layers, kv_lora_rank=self.rank,
             qk_rope_head_dim=self.table.dim, qk_nope_head_dim=c.head_dim, q_lora_rank=self.geometry.q_lora_rank,
             rope_parameters=dict(self.table.rope_parameters), rope_interleave=self.cfg.rope_interleave,
-            attention_bias=self.cfg.biases, cache_values_native=native_total, cache_values_export=export_total,
-            cache_breakdown=breakdown, exact=self.cfg.biases, delta_bound=delta, engine_compatible=engine,
-            fidelity=fidelity, fidelity_note=fidelity_note(self, delta, fidelity), notes=self.notes,
-            seconds=round(seconds, 1),
+            attention_bias=not self.cfg.engine, cache_values_native=native_total, cache_values_export=export_total,
+            cache_breakdown=breakdown, exact=not dropped, delta_bound=delta, engine_compatible=engine,
+            fidelity=fidelity, fidelity_note=fidelity_note(self, delta, fidelity, dropped), notes=self.notes,
+            dropped_biases=dropped, residual_scale=self.resid_scale, seconds=round(seconds, 1),
         )
 
     def record(self, report: ExportReport, channels: list[dict]) -> dict:
@@ -377,24 +405,27 @@ class DeepseekExporter:
         }
 
 
-def fidelity_note(exp: DeepseekExporter, delta: float, fidelity: dict | None) -> str:
+def fidelity_note(exp: DeepseekExporter, delta: float, fidelity: dict | None, dropped: dict) -> str:
     measured = (
         f" Measured against the native model in float32 over {fidelity['tokens']} tokens: KL per token mean "
         f"{fidelity['kl_mean']:.2e}, max {fidelity['kl_max']:.2e}, top-1 agreement {fidelity['top1_agreement']:.3f}."
         if fidelity else " Not measured (verify_tokens=0)."
     )
     rope = f"RoPE table matches the kept frequencies to {exp.table.max_freq_rel_error:.1e} (relative)."
-    if exp.cfg.biases:
+    if not exp.cfg.engine:
         return (
             "Exact re-parameterisation (transformers): a constant latent channel makes kv_a_layernorm a fixed rescale "
             f"up to a worst-case relative shrink of {delta:.1e} per token (1 cache value per layer); the softmax scale "
             f"and RoPE factors are folded into the query weights. {rope}" + measured
         )
-    return (
-        "Approximate (bias-free, engine-loadable): kv_a_layernorm really normalises the latent (weight fitted to the "
-        "typical latent RMS), and the attention biases (latent centring, value mean, query bias) are dropped. "
-        f"{rope} Heal this form before serving." + measured
+    form = (
+        "Engine form (no biases; what vLLM, SGLang and llama.cpp run): kv_a_layernorm runs in its linear regime (latent "
+        f"rows scaled down, worst-case relative shrink {delta:.1e}), every RMSNorm uses eps 1e-6 with the residual "
+        f"stream scaled by {exp.resid_scale:.6g} to keep the source's norms. "
     )
+    if dropped:
+        return form + f"Approximate: nonzero native biases left out ({', '.join(sorted(dropped))}). {rope}" + measured
+    return form + f"Exact: the native model has no attention biases. {rope}" + measured
 
 
 def model_card(r: ExportReport) -> str:
@@ -425,6 +456,7 @@ def export_deepseek(
     *,
     pad_rope: bool = False,
     biases: bool = True,
+    engine: bool = False,
     rope_interleave: bool = True,
     dtype: str = "auto",
     verify_tokens: int = 64,
@@ -432,6 +464,6 @@ def export_deepseek(
     """Write ``out_dir`` as a stock-transformers ``DeepseekV3ForCausalLM`` checkpoint of the native model in ``model_dir``."""
     cfg = ExportConfig(
         model=str(model_dir), output=str(out_dir), pad_ranks=pad_ranks, flashmla=flashmla, pad_rope=pad_rope,
-        biases=biases, rope_interleave=rope_interleave, dtype=dtype, verify_tokens=verify_tokens, overwrite=overwrite,
+        biases=biases, engine=engine, rope_interleave=rope_interleave, dtype=dtype, verify_tokens=verify_tokens, overwrite=overwrite,
     )
     return DeepseekExporter(cfg).run()

@@ -1,4 +1,6 @@
-"""Make DeepSeek's always-on RMSNorm an (almost) exact constant rescaling.
+"""Make DeepSeek's always-on RMSNorm an (almost) exact linear map: two ways.
+
+**Constant channel** (the exact export, which may carry biases):
 
 DeepSeek normalises the latent (``kv_a_layernorm``) and, with ``q_lora_rank``,
 the query latent (``q_a_layernorm``). The native format has no such norm. Add
@@ -13,6 +15,17 @@ of two, so storing them in bf16 or fp16 rounds nothing that scales the whole
 latent; ``lam`` goes into the (per-element rounded) projection weights. The
 constant channel's own output is ``K w / sqrt(K^2/n + eps)``; nothing reads it
 unless the caller gives it a column (the query bias does).
+
+**Linear regime** (the engine form, no biases): scale the latent rows by a tiny
+``lam`` so that ``lam^2 |c|^2 / n`` stays far below ``eps``; then
+
+    norm(lam c) * w = c / sqrt(1 + lam^2 |c|^2 / (n eps))    with  w = sqrt(eps) / lam,
+
+a relative shrink of at most ``B^2 / (2 n w^2)`` for ``|c| <= B``, whatever
+``eps`` is. ``w`` is a power of two; ``lam`` (around 1e-7) lives in the
+projection weights, which needs float32 or bfloat16 storage there (float16's
+exponent range flushes such weights to zero). The cache holds the normalised
+latent, at its ordinary scale.
 """
 
 from __future__ import annotations
@@ -47,6 +60,30 @@ class ConstantChannel:
     def as_dict(self) -> dict:
         return {"channels": self.n, "bound": self.bound, "K": self.k, "w": self.w, "lam": self.lam,
                 "delta_bound": self.delta_bound}
+
+
+@dataclass
+class LinearNorm:
+    n: int  # channels the norm sees
+    bound: float  # B: |c| <= B for every input
+    w: float  # kv_a_layernorm weight
+    lam: float  # factor on the latent's projection rows
+    eps: float = DS_NORM_EPS
+
+    @property
+    def delta_bound(self) -> float:
+        return self.lam**2 * self.bound**2 / (2 * self.n * self.eps)
+
+    def as_dict(self) -> dict:
+        return {"channels": self.n, "bound": self.bound, "w": self.w, "lam": self.lam, "eps": self.eps,
+                "delta_bound": self.delta_bound}
+
+
+def linear_norm(bound: float, n: int, delta: float = DELTA, eps: float = DS_NORM_EPS) -> LinearNorm:
+    """Smallest power-of-two ``w`` whose linear regime keeps the relative shrink below ``delta`` for ``|c| <= bound``."""
+    bound = max(float(bound), 1e-6)
+    w = pow2_at_least(bound / math.sqrt(2 * n * delta))
+    return LinearNorm(n=n, bound=bound, w=w, lam=math.sqrt(eps) / w, eps=eps)
 
 
 def pow2_at_least(x: float) -> float:

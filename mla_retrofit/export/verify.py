@@ -22,7 +22,8 @@ def causal_mask(t: int) -> torch.Tensor:
 class StreamCheck:
     """Feed it each layer's native and exported weights in order, then :meth:`finish` with the heads."""
 
-    def __init__(self, native_cfg: MLARetrofitConfig, ds_cfg, ids: torch.Tensor, embed: torch.Tensor):
+    def __init__(self, native_cfg: MLARetrofitConfig, ds_cfg, ids: torch.Tensor, embed: torch.Tensor,
+                 resid_scale: float = 1.0):
         from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
 
         self.native_cfg, self.ds_cfg = native_cfg, ds_cfg
@@ -30,7 +31,7 @@ class StreamCheck:
         ds_cfg._attn_implementation = "eager"
         self.ids = ids
         x = embed.float()[ids]
-        self.native_h, self.ds_h = x.clone(), x.clone()
+        self.native_h, self.ds_h = x.clone(), x * resid_scale  # the export may scale its residual stream
         pos = torch.arange(ids.shape[1]).unsqueeze(0)
         self.pos = pos
         self.mask = causal_mask(ids.shape[1])
@@ -49,19 +50,10 @@ class StreamCheck:
         self.ds_h = ds(self.ds_h, attention_mask=self.mask, position_ids=self.pos, position_embeddings=self.ds_pe)
 
     @torch.no_grad()
-    def latent_rms(self, i: int, native_state: dict, n_channels: int) -> float:
-        """Mean per-token RMS (over ``n_channels``) of layer ``i``'s bias-free latent ``W_c x`` on this stream."""
-        norm = MLARetrofitRMSNorm(self.native_h.shape[-1], self.native_cfg.rms_norm_eps)
-        norm.weight.data.copy_(native_state["input_layernorm.weight"].float())
-        rank = self.native_cfg.kv_lora_ranks[i]
-        c = norm(self.native_h) @ native_state["self_attn.kv_a_proj.weight"][:rank].float().T
-        return float((c.pow(2).sum(-1) / n_channels).sqrt().mean())
-
-    @torch.no_grad()
     def finish(self, native_norm, native_head, ds_norm, ds_head) -> dict:
-        eps = self.native_cfg.rms_norm_eps
         logits = []
-        for h, nw, head in ((self.native_h, native_norm, native_head), (self.ds_h, ds_norm, ds_head)):
+        for h, nw, head, eps in ((self.native_h, native_norm, native_head, self.native_cfg.rms_norm_eps),
+                                 (self.ds_h, ds_norm, ds_head, self.ds_cfg.rms_norm_eps)):
             norm = MLARetrofitRMSNorm(nw.numel(), eps)
             norm.weight.data.copy_(nw.float())
             logits.append(norm(h) @ head.float().T)

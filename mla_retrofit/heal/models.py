@@ -78,7 +78,33 @@ def student_classes(directory: str):
 def load_student(directory: str):
     """The student in float32 (the training master copy), SDPA attention."""
     _, model_cls = student_classes(directory)
-    return model_cls.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa").train()
+    model = model_cls.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa").train()
+    if model.config.model_type == "deepseek_v3":
+        scale_latent_rows(model)
+    return model
+
+
+@torch.no_grad()
+def scale_latent_rows(model) -> None:
+    """Train an engine-form export at its latent's natural scale (an exact reparameterisation).
+
+    The engine form keeps ``kv_a_layernorm`` linear by scaling the latent rows of
+    ``kv_a_proj_with_mqa`` down to ~1e-8 (``export.latent_norm``). Adam moves every
+    weight by about the learning rate whatever its size, so such rows would be wrecked
+    by the first step. ``norm(k c; k^2 eps) = norm(c; eps)`` for any ``k``: the rows are
+    multiplied by a power of two ``k`` that brings them to the RoPE rows' size and the
+    norm's epsilon by ``k^2``; :func:`save_student` divides ``k`` out again.
+    """
+    r = model.config.kv_lora_rank
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        w = attn.kv_a_proj_with_mqa.weight
+        latent, ref = w[:r].abs().mean(), w[r:].abs().mean() if w.shape[0] > r else attn.o_proj.weight.abs().mean()
+        k = 2.0 ** round(float(torch.log2(ref / latent))) if latent > 0 else 1.0
+        k = max(k, 1.0)
+        w[:r] *= k
+        attn.kv_a_layernorm.variance_epsilon *= k * k
+        attn.latent_row_scale = k
 
 
 def save_student(model, directory: Path, tokenizer, extra_files: dict[str, str]) -> None:
@@ -86,7 +112,12 @@ def save_student(model, directory: Path, tokenizer, extra_files: dict[str, str])
     if getattr(model.config, "model_type", None) == "mla_retrofit":
         save_mla_model(model, directory, tokenizer, extra_files)
         return
-    model.save_pretrained(str(directory))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    r = model.config.kv_lora_rank
+    for i, layer in enumerate(model.model.layers):
+        k = getattr(layer.self_attn, "latent_row_scale", 1.0)
+        state[f"model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight"][:r] /= k
+    model.save_pretrained(str(directory), state_dict=state)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     for name, text in extra_files.items():
