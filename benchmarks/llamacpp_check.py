@@ -35,6 +35,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
+# llama.cpp 0.3.36's CPU weight repacking aborts (GGML_ASSERT(*cur_backend_id != -1)) on quantized weights on this
+# machine (AVX-512/AMX), the original SmolLM2 Q8_0 from llama-quantize included: quantized runs turn it off.
+NO_REPACK: list[str] = []
+
+
 def sh(cmd: list[str], log: Path | None = None) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     out = proc.stdout + proc.stderr
@@ -58,14 +63,14 @@ def llama_tokens(bin_dir: Path, model: Path, text_file: Path) -> list[int]:
 
 def llama_perplexity(bin_dir: Path, model: Path, text_file: Path, ctx: int, chunks: int, log: Path) -> float:
     out = sh([str(bin_dir / "llama-perplexity"), "-m", str(model), "-f", str(text_file), "-c", str(ctx),
-              "--chunks", str(chunks), "-t", "2", "-b", str(ctx)], log)
+              "--chunks", str(chunks), "-t", "2", "-b", str(ctx), *NO_REPACK], log)
     return float(re.search(r"Final estimate: PPL = ([0-9.]+)", out).group(1))
 
 
 def kv_cache_mib(bin_dir: Path, model: Path, ctx: int, log: Path) -> dict:
     """llama.cpp's own report of its KV cache (and model/context/compute memory) at ``ctx`` tokens."""
     out = sh([str(bin_dir / "llama-completion"), "-m", str(model), "-c", str(ctx), "-n", "1", "-p", "Hi",
-              "-no-cnv", "-t", "2", "--temp", "0", "-v"], log)
+              "-no-cnv", "-t", "2", "--temp", "0", "-v", *NO_REPACK], log)
     m = re.findall(r"llama_kv_cache: size = +([0-9.]+) MiB \(.*?\), K \((\w+)\): +([0-9.]+) MiB, V \((\w+)\): +([0-9.]+) MiB",
                    out)[-1]
     mem = re.findall(r"- Host +\| +([0-9]+) = +([0-9]+) \+ +([0-9]+) \+ +([0-9]+)", out)[-1]
@@ -90,7 +95,7 @@ def hf_perplexity(model, ids: list[int], ctx: int, chunks: int) -> float:
 
 def bench(bin_dir: Path, models: list[Path], depths: str, log: Path) -> list[dict]:
     out = sh([str(bin_dir / "llama-bench"), *sum((["-m", str(m)] for m in models), []), "-p", "512", "-n", "64",
-              "-d", depths, "-r", "1", "-t", "2", "-o", "json"], log)
+              "-d", depths, "-r", "1", "-t", "2", "-o", "json", *(["--repack", "0"] if NO_REPACK else [])], log)
     return json.loads(out[out.index("["):out.rindex("]") + 1])
 
 
@@ -113,6 +118,8 @@ def main() -> None:
     from mla_retrofit.sources import embedded_gguf_path
 
     torch.set_num_threads(2)
+    if args.outtype not in ("f32", "bf16", "f16"):
+        NO_REPACK.append("--no-repack")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
