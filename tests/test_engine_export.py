@@ -255,3 +255,35 @@ def test_heal_trains_the_engine_form_at_its_natural_scale_and_writes_it_back(con
     back = DeepseekV3ForCausalLM.from_pretrained(str(tmp_path / "back"), dtype=torch.float32).state_dict()
     for k, v in plain.state_dict().items():
         assert torch.allclose(back[k], v, rtol=1e-6, atol=0), k
+
+
+def test_imitation_targets_follow_the_engine_forms_residual_scale(tmp_path):
+    """Source eps 1e-5: the engine form's attention outputs are sqrt(0.1) times the teacher's; phase 1 knows."""
+    from tiny import save_tiny
+
+    from mla_retrofit.convert.pipeline import ConvertConfig, convert
+    from mla_retrofit.heal import models
+    from mla_retrofit.heal.losses import imitation_loss
+    from mla_retrofit.heal.recipe import causal_mask
+    from mla_retrofit.sources import load_model
+
+    src = save_tiny("llama", tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-5}))
+    native = tmp_path / "native"
+    convert(ConvertConfig(model=str(src), output=str(native), kv_ratio=0.5, calib_samples=8, calib_seq_len=96,
+                          eval_samples=2, eval_seq_len=64, **ENGINE))
+    export_deepseek(str(native), str(tmp_path / "engine"), engine=True, verify_tokens=0)
+    teacher = load_model(str(src)).eval()
+    ids = torch.arange(5, 37)[None]
+    pos = torch.arange(32)[None]
+    losses = {}
+    for name in ("native", "engine"):
+        student = models.load_student(str(tmp_path / name)).eval()
+        inputs, targets = models.teacher_attention(teacher, student, ids, pos)  # what phase 1 trains toward
+        stack = models.AttentionStack(student)
+        with torch.no_grad():
+            out = stack(inputs, student.model.rotary_emb(inputs[0], pos), causal_mask(student.config, inputs[0], pos))
+        losses[name] = (models.residual_scale(student, teacher), float(imitation_loss(out, targets)))
+    assert losses["native"][0] == 1.0 and losses["engine"][0] == pytest.approx(math.sqrt(0.1))
+    assert losses["engine"][1] == pytest.approx(losses["native"][1], rel=1e-4)

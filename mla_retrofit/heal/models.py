@@ -107,6 +107,28 @@ def scale_latent_rows(model) -> None:
         attn.latent_row_scale = k
 
 
+def residual_scale(student, teacher) -> float:
+    """How much larger the student's residual stream is than the teacher's: 1, or ``s`` for an engine form.
+
+    The engine-form export runs every RMSNorm with eps 1e-6 on a residual stream scaled by
+    ``s = sqrt(1e-6 / eps_teacher)`` (``export/deepseek.py``), so the attention inputs (after
+    ``input_layernorm``) are the teacher's and the attention outputs are ``s`` times the teacher's.
+    """
+    return (student.config.rms_norm_eps / teacher.config.rms_norm_eps) ** 0.5
+
+
+@torch.no_grad()
+def teacher_attention(teacher, student, ids: torch.Tensor, positions: torch.Tensor):
+    """Every teacher layer's attention input and output for one batch: phase 1's inputs and targets.
+
+    The targets are in the student's residual units (``residual_scale``).
+    """
+    with TeacherTap(teacher) as tap:
+        teacher.model(input_ids=ids, position_ids=positions, use_cache=False)
+    scale = residual_scale(student, teacher)
+    return [x.detach() for x in tap.inputs], [y.detach() * scale for y in tap.outputs]
+
+
 def save_student(model, directory: Path, tokenizer, extra_files: dict[str, str]) -> None:
     """Write the student in its own format (native MLA with its modeling code, or stock DeepSeek-V3)."""
     if getattr(model.config, "model_type", None) == "mla_retrofit":

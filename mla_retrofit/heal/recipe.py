@@ -361,11 +361,7 @@ class HealRecipe:
         return loss, parts
 
     def imitation_loss(self, student, wrapped, batch: Batch) -> torch.Tensor:
-        teacher = self.teacher()
-        with torch.no_grad(), models.TeacherTap(teacher) as tap:
-            teacher.model(input_ids=batch.ids, position_ids=batch.positions, use_cache=False)
-        inputs = [x.detach() for x in tap.inputs]
-        targets = [y.detach() for y in tap.outputs]
+        inputs, targets = models.teacher_attention(self.teacher(), student, batch.ids, batch.positions)
         position_embeddings = student.model.rotary_emb(inputs[0], batch.positions)
         mask = causal_mask(student.config, inputs[0], batch.positions)
         return imitation_loss(wrapped(inputs, position_embeddings, mask), targets)

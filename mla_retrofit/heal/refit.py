@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .models import residual_scale
+
 
 class _Record:
     def __init__(self):
@@ -64,7 +66,8 @@ def solve(zz: torch.Tensor, yz: torch.Tensor, weight: torch.Tensor, ridge: float
 def refit_output_projections(student, teacher, ids: torch.Tensor, positions: torch.Tensor, attention_mask,
                              ridge: float = 1e-2, progress=None) -> list[float]:
     """Refit every layer's ``self_attn.o_proj`` in place; returns each layer's relative residual error after."""
-    targets = teacher_post_attention(teacher, ids, positions)
+    scale = residual_scale(student, teacher)  # the engine form's residual stream is the teacher's times s
+    targets = [t * scale for t in teacher_post_attention(teacher, ids, positions)]
     model = student.model
     h = model.embed_tokens(ids)
     position_embeddings = model.rotary_emb(h, positions)
