@@ -287,3 +287,23 @@ def test_imitation_targets_follow_the_engine_forms_residual_scale(tmp_path):
         losses[name] = (models.residual_scale(student, teacher), float(imitation_loss(out, targets)))
     assert losses["native"][0] == 1.0 and losses["engine"][0] == pytest.approx(math.sqrt(0.1))
     assert losses["engine"][1] == pytest.approx(losses["native"][1], rel=1e-4)
+
+
+def test_gguf_tokenizer_comes_from_a_gguf_of_the_source_when_recorded(converted, tmp_path):
+    """--tokenizer-gguf, or a source recorded as a .gguf (export.json of an engine export), is copied as is."""
+    native = converted("llama", 0.5, **ENGINE)
+    first = tmp_path / "first.gguf"
+    export_gguf(str(native), str(first))  # tokenizer built from tokenizer.json
+    second = export_gguf(str(native), str(tmp_path / "second.gguf"), tokenizer_gguf=str(first))
+    assert second.tokenizer_from == str(first) and not second.notes
+    engine = tmp_path / "engine"
+    export_deepseek(str(native), str(engine), engine=True, verify_tokens=0)
+    record = json.loads((engine / "export.json").read_text())
+    (engine / "export.json").write_text(json.dumps({**record, "source_model": str(first)}))
+    third = export_gguf(str(engine), str(tmp_path / "third.gguf"))
+    assert third.tokenizer_from == str(first)
+    _, a, _ = read_gguf(first)
+    _, b, _ = read_gguf(tmp_path / "third.gguf")
+    tok_keys = sorted(k for k in a if k.startswith("tokenizer."))
+    assert tok_keys == sorted(k for k in b if k.startswith("tokenizer.")) and tok_keys
+    assert all(a[k] == b[k] for k in tok_keys)

@@ -200,14 +200,26 @@ class GGUFWriterJob:
             return path
         from ..sources import EMBEDDED_DEFAULT, embedded_gguf_path
 
-        for d in (self.native, self.dir):
-            rec = None if d is None else d / "conversion.json"
-            name = json.loads(rec.read_text()).get("source_model") if rec is not None and rec.is_file() else None
+        for name in self.source_names():
             if name == EMBEDDED_DEFAULT:
                 return embedded_gguf_path()
-            if name and name.endswith(".gguf") and Path(name).is_file():
+            if name.endswith(".gguf") and Path(name).is_file():
                 return Path(name)
         return None
+
+    def source_names(self) -> list[str]:
+        """The original model's name as recorded by convert, export or heal (a heal's teacher is the original)."""
+        names = []
+        for d in (self.native, self.dir):
+            for rec, keys in (("conversion.json", ("source_model",)), ("export.json", ("source_model",)),
+                              ("conversion.json", ("heal", "teacher"))):
+                path = None if d is None else d / rec
+                value = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+                for k in keys:
+                    value = value.get(k) if isinstance(value, dict) else None
+                if isinstance(value, str):
+                    names.append(value)
+        return names
 
     def write_tokenizer(self, w) -> str:
         src = self.source_gguf()
