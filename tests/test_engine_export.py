@@ -194,8 +194,19 @@ def test_gguf_types_keep_the_latent_rows_representable(converted, tmp_path):
         assert latent.abs().max() > 0 and latent.abs()[:16].max() < 1e-3  # tiny, but not flushed to zero
 
 
-def test_gguf_of_a_tied_model_shares_the_embeddings(converted, tmp_path):
-    """llama3 family ties its embeddings, but its RoPE scaling has no llama.cpp deepseek2 form."""
+def test_gguf_of_a_tied_model_shares_the_embeddings(tmp_path):
+    """A tied head stays tied (no output.weight) through the engine form's residual scale (eps 1e-5)."""
+    from test_export import native_model
+
+    src = native_model(tmp_path / "native", biases=False, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    rep = export_gguf(str(src), str(tmp_path / "m.gguf"))
+    _, _, tensors = read_gguf(tmp_path / "m.gguf")
+    assert rep.tied_output and "output.weight" not in tensors and "token_embd.weight" in tensors
+    assert rep.deepseek["exact"] and rep.deepseek["fidelity"]["kl_max"] < KL_EXACT
+
+
+def test_gguf_refuses_rope_scaling(converted, tmp_path):
+    """The llama3 family's RoPE scaling has no llama.cpp deepseek2 form."""
     native = converted("llama3", 0.5, **ENGINE)
     with pytest.raises(UserError, match="RoPE scaling 'llama3'") as err:
         export_gguf(str(native), str(tmp_path / "m.gguf"), "f32")

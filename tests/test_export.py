@@ -85,7 +85,7 @@ def test_rope_rows_layouts():
 # -- native models built by hand (fast; per-layer ranks, frequencies and biases chosen freely) ----------
 
 def native_model(directory: Path, ranks=(16, 16), freq=None, q_bias=False, seed=0, biases=True,
-                 rms_norm_eps=1e-6) -> Path:
+                 rms_norm_eps=1e-6, tie_word_embeddings=False) -> Path:
     from mla_retrofit.checkpoint import save_mla_model
     from mla_retrofit.modeling.configuration_mla import MLARetrofitConfig
     from mla_retrofit.modeling.modeling_mla import MLARetrofitForCausalLM
@@ -95,7 +95,7 @@ def native_model(directory: Path, ranks=(16, 16), freq=None, q_bias=False, seed=
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=n, num_attention_heads=4,
         kv_groups=2, num_key_value_heads=2, head_dim=16, kv_lora_ranks=list(ranks),
         rope_freq_idx=freq or [list(range(8))] * n, attention_bias=q_bias, kv_a_bias=biases, o_bias=biases,
-        rms_norm_eps=rms_norm_eps,
+        rms_norm_eps=rms_norm_eps, tie_word_embeddings=tie_word_embeddings,
         initializer_range=0.15, eos_token_id=0, pad_token_id=0, bos_token_id=0,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )

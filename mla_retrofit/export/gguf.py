@@ -167,7 +167,7 @@ class GGUFWriterJob:
         n_layers = c["num_hidden_layers"]
         rope = c.get("rope_parameters") or {}
         w.add_name(f"MLA retrofit of {self.native or self.dir}")
-        w.add_string("general.source.mla_retrofit", f"mla-retrofit {__version__}")
+        w.add_string("general.source.mla_retrofit", f"mla-retrofit {__version__}; loader checked: {LLAMACPP_PIN}")
         w.add_context_length(c["max_position_embeddings"])
         w.add_embedding_length(c["hidden_size"])
         w.add_feed_forward_length(c["intermediate_size"])

@@ -99,7 +99,8 @@ def scale_latent_rows(model) -> None:
     for layer in model.model.layers:
         attn = layer.self_attn
         w = attn.kv_a_proj_with_mqa.weight
-        latent, ref = w[:r].abs().mean(), w[r:].abs().mean() if w.shape[0] > r else attn.o_proj.weight.abs().mean()
+        latent = w[:r].abs().mean()
+        ref = (w[r:] if w.shape[0] > r else attn.o_proj.weight).abs().mean()  # the RoPE rows' size
         k = 2.0 ** round(float(torch.log2(ref / latent))) if latent > 0 else 1.0
         k = max(k, 1.0)
         w[:r] *= k
@@ -134,11 +135,13 @@ def save_student(model, directory: Path, tokenizer, extra_files: dict[str, str])
     if getattr(model.config, "model_type", None) == "mla_retrofit":
         save_mla_model(model, directory, tokenizer, extra_files)
         return
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = model.state_dict()  # references; only the rescaled latent projections are copies
     r = model.config.kv_lora_rank
     for i, layer in enumerate(model.model.layers):
         k = getattr(layer.self_attn, "latent_row_scale", 1.0)
-        state[f"model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight"][:r] /= k
+        name = f"model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight"
+        state[name] = state[name].detach().clone()
+        state[name][:r] /= k
     model.save_pretrained(str(directory), state_dict=state)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
