@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from . import architectures
 from .bench.kv import DTYPE_BYTES
-from .convert.pipeline import ConvertConfig, resolve_budget
+from .convert.allocate import resolve_budget
 from .errors import UserError
 from .sources import load_config
 
@@ -20,16 +20,14 @@ def parameter_count(c) -> dict:
     return {"total": embed + head + c.num_hidden_layers * layer + d, "per_layer": layer, "embedding": embed}
 
 
-def plan(model: str, kv_ratio=0.5, kv_dim=None, rank=None, rope_dim=None, dtype="bf16",
+def plan(model: str, kv_ratio=None, kv_dim=None, rank=None, rope_dim=None, dtype="bf16",
          calib_samples=64, calib_seq_len=512) -> dict:
     if dtype.lower() not in DTYPE_BYTES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}")
     c = load_config(model)
     spec = architectures.spec_for(c)
     h = architectures.head_dim(c)
-    cfg = ConvertConfig(model=model, output="-", kv_ratio=kv_ratio, kv_dim=kv_dim, rank=rank, rope_dim=rope_dim)
-    cfg.validate()
-    budget = resolve_budget(cfg, c.num_key_value_heads, h)
+    budget = resolve_budget(c.num_key_value_heads, h, kv_ratio, kv_dim, rank, rope_dim)
     nb = DTYPE_BYTES[dtype.lower()]
     L = c.num_hidden_layers
     params = parameter_count(c)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import SafetensorsFile
 from .errors import UserError
 
 EMBEDDED_DEFAULT = "smollm2-135m-instruct"
@@ -35,12 +36,9 @@ def embedded_gguf_path() -> Path:
 
 
 class SafetensorsWeights:
-    """Lazy reader over a directory of safetensors shards."""
+    """Lazy reader over a directory of safetensors shards (plain reads, no memory map: see :class:`SafetensorsFile`)."""
 
     def __init__(self, directory: Path):
-        from safetensors import safe_open
-
-        self._safe_open = safe_open
         self.directory = directory
         self._handles: dict[str, object] = {}
         index = directory / "model.safetensors.index.json"
@@ -65,8 +63,8 @@ class SafetensorsWeights:
     def _open(self, filename: str):
         if filename not in self._handles:
             try:
-                self._handles[filename] = self._safe_open(str(self.directory / filename), framework="pt")
-            except Exception as e:  # safetensors raises its own error type for truncated headers
+                self._handles[filename] = SafetensorsFile(self.directory / filename)
+            except (OSError, ValueError, UnicodeDecodeError) as e:
                 raise UserError(
                     f"shard {self.directory / filename} is truncated or corrupt ({e}); re-download it"
                 ) from e
@@ -81,10 +79,10 @@ class SafetensorsWeights:
     def get(self, name: str) -> torch.Tensor:
         filename = self.weight_map[name]
         try:
-            return self._open(filename).get_tensor(name)
+            return self._open(filename).get(name)
         except UserError:
             raise
-        except Exception as e:
+        except (OSError, ValueError) as e:
             raise UserError(
                 f"cannot read '{name}' from shard {self.directory / filename} ({e}); the file is truncated or corrupt, re-download it"
             ) from e
@@ -176,6 +174,11 @@ def _locate(name: str) -> tuple[Path, str | None]:
     raise UserError(f"model '{name}' not found: give a local directory, a .gguf file, or a Hub id like Qwen/Qwen2.5-7B")
 
 
+#: Exceptions a model load raises for a bad or unsupported input (missing or corrupt files, a config
+#: transformers does not know, a missing optional package); anything else is a bug and keeps its traceback.
+INPUT_ERRORS = (OSError, ValueError, KeyError, ImportError)
+
+
 def load_config(name: str):
     from transformers import AutoConfig
 
@@ -185,7 +188,7 @@ def load_config(name: str):
             config = AutoConfig.from_pretrained(str(directory), gguf_file=gguf)
         else:
             config = AutoConfig.from_pretrained(str(directory), trust_remote_code=_is_mla_dir(directory))
-    except Exception as e:
+    except INPUT_ERRORS as e:
         raise UserError(f"cannot read the config of '{name}' ({e})") from e
     if hasattr(config, "quantization_config") and gguf:
         del config.quantization_config
@@ -218,7 +221,7 @@ def _load_gguf_model(directory: Path, gguf: str, dtype: torch.dtype, attn_implem
         model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf, dtype=dtype, **kwargs)
     except ImportError as e:
         raise UserError(f"loading GGUF needs the 'gguf' package ({e}); run: pip install gguf") from e
-    except Exception as e:
+    except INPUT_ERRORS as e:
         raise UserError(f"cannot load GGUF {directory / gguf} ({e}); the file may be corrupt") from e
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -240,9 +243,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, attn_implementatio
             model = AutoModelForCausalLM.from_pretrained(
                 str(directory), trust_remote_code=_is_mla_dir(directory), **kwargs
             )
-        except UserError:
-            raise
-        except Exception as e:
+        except INPUT_ERRORS as e:
             raise UserError(f"cannot load model '{name}' ({type(e).__name__}: {e})") from e
     return model.eval()
 
@@ -254,5 +255,5 @@ def load_tokenizer(name: str):
     kwargs = {"gguf_file": gguf} if gguf else {"trust_remote_code": _is_mla_dir(directory)}
     try:
         return AutoTokenizer.from_pretrained(str(directory), **kwargs)
-    except Exception as e:
+    except INPUT_ERRORS as e:
         raise UserError(f"cannot load the tokenizer of '{name}' ({e})") from e

@@ -50,8 +50,12 @@ def test_bench_speed_runs_and_reports_ratios(converted, workdir):
     assert r.exit_code == 0, r.output
     rows = json.loads((workdir / "s.json").read_text())["speed"]
     assert [(sp["context"], sp["cache"], sp["compiled"]) for sp in rows] == [(64, "dynamic", False), (64, "static", False)]
-    for sp in rows:
-        assert sp["model"]["decode_tok_s"] > 0 and sp["decode_ratio"] > 0
+    for sp in rows:  # the ratios are the ratios of the reported speeds, and speeds agree with step times
+        m, b = sp["model"], sp["baseline"]
+        assert sp["decode_ratio"] == pytest.approx(m["decode_tok_s"] / b["decode_tok_s"], rel=1e-9)
+        assert sp["prefill_ratio"] == pytest.approx(m["prefill_tok_s"] / b["prefill_tok_s"], rel=1e-9)
+        for p in (m, b):
+            assert p["context"] == 64 and p["decode_tok_s"] == pytest.approx(p["batch"] * 1000 / p["decode_ms_per_step"])
     r = runner.invoke(app, ["bench", str(converted("llama", 0.5)), "--speed", "--speed-cache", "paged"])
     assert r.exit_code == 1 and "--speed-cache" in r.output and "Traceback" not in r.output
 
@@ -117,3 +121,69 @@ def test_heal_cli_runs_from_flags_and_a_config_file_of_any_field(tiny_src, workd
     assert r.exit_code == 1 and "unknown key 'dev_window'" in r.output
     r = runner.invoke(app, ["heal", "mla", "other", "--split", "a,b"])
     assert r.exit_code == 1 and "--split must be 3 numbers" in r.output
+
+
+def _one_line_error(r, *needles):
+    lines = [l for l in r.output.strip().splitlines() if l.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), r.output
+    for n in needles:
+        assert n in lines[0], r.output
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--calib-samples"])
+def test_convert_non_positive_flags_are_one_line(tiny_src, workdir, flag):
+    _one_line_error(runner.invoke(app, ["convert", str(tiny_src("llama")), "out", flag, "0"]), flag)
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--samples"])
+def test_heal_non_positive_flags_are_one_line(converted, workdir, flag):
+    _one_line_error(runner.invoke(app, ["heal", str(converted("llama", 0.5)), "healed", flag, "0"]), flag.lstrip("-"))
+
+
+def test_convert_bad_dtype_is_one_line(tiny_src, workdir):
+    _one_line_error(runner.invoke(app, ["convert", str(tiny_src("llama")), "out", "--dtype", "int4"]), "--dtype")
+
+
+def test_internal_errors_are_not_called_user_errors(tiny_src, workdir, monkeypatch):
+    """A bug (here a RuntimeError inside the converter) says so in one line; -v shows the traceback."""
+    from mla_retrofit.convert import pipeline
+
+    def broken(self):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pipeline.Converter, "run", broken)
+    r = runner.invoke(app, ["-q", "convert", str(tiny_src("llama")), "out", *FAST])
+    _one_line_error(r, "internal error (RuntimeError: boom)", "-v")
+    r = runner.invoke(app, ["-v", "convert", str(tiny_src("llama")), "out", *FAST])
+    assert r.exit_code == 1 and isinstance(r.exception, RuntimeError)
+
+
+def test_disk_full_is_one_line_with_the_fix(tiny_src, workdir, monkeypatch):
+    from mla_retrofit.convert import pipeline
+
+    def full(self):
+        raise OSError(28, "No space left on device", "out/model.safetensors")
+
+    monkeypatch.setattr(pipeline.Converter, "run", full)
+    _one_line_error(runner.invoke(app, ["-q", "convert", str(tiny_src("llama")), "out", *FAST]), "no space left", "--resume")
+
+
+def test_a_model_that_fails_to_load_for_a_bug_keeps_its_traceback(tiny_src, monkeypatch):
+    """Input problems become UserError; anything else from transformers is re-raised unchanged."""
+    from mla_retrofit import sources
+    from mla_retrofit.errors import UserError
+    import transformers
+
+    def bug(*a, **k):
+        raise AttributeError("'NoneType' object has no attribute 'x'")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", bug)
+    with pytest.raises(AttributeError):
+        sources.load_model(str(tiny_src("llama")))
+
+    def missing(*a, **k):
+        raise OSError("no file named model.safetensors")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", missing)
+    with pytest.raises(UserError, match="cannot load model"):
+        sources.load_model(str(tiny_src("llama")))

@@ -120,15 +120,19 @@ def test_statistics_do_not_depend_on_batch_size(tiny_src):
         assert torch.allclose(s.query_m2(), results[0].query_m2(), rtol=1e-9, atol=1e-12)
 
 
-def test_ratio_one_equals_lossless_oracle(converted):
+@pytest.mark.parametrize("method", ["mla", "rorope-pca", "weight-svd"])
+def test_every_method_is_exact_at_ratio_one(method, converted, tiny_src):
+    """At full rank every method reproduces the original model's logits (llama3: scaled RoPE)."""
+    from transformers import AutoModelForCausalLM
+
     from mla_retrofit.sources import load_model
 
-    a = load_model(str(converted("llama3", 1.0)))
-    b = load_model(str(converted("llama3", 1.0, method="rorope-pca")))  # every method is exact at full rank
+    original = AutoModelForCausalLM.from_pretrained(str(tiny_src("llama3"))).eval()
+    mla = load_model(str(converted("llama3", 1.0, method=method)))
     ids = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        la, lb = a(ids).logits, b(ids).logits
-    assert float((la - lb).abs().max() / la.abs().max()) <= 1e-5
+        ref, got = original(ids).logits, mla(ids).logits
+    assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-5
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -175,3 +179,23 @@ def test_impossible_budgets_are_clear_errors(kw, message, tiny_src, tmp_path):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
         Converter(ConvertConfig(model=str(tiny_src("llama")), output=str(tmp_path / "o"), **kw))
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kw, per_layer, rope", [({"kv_dim": 40}, 40, 16), ({"rank": 24, "rope_dim": 8}, 32, 8)])
+def test_kv_dim_and_rank_budgets_give_their_cache_size(kw, per_layer, rope, tiny_src, tmp_path):
+    import json
+
+    from mla_retrofit.convert.pipeline import convert
+
+    out = tmp_path / "o"
+    convert(ConvertConfig(model=str(tiny_src("llama")), output=str(out), calib_samples=4, calib_seq_len=64, **kw))
+    rec = json.loads((out / "conversion.json").read_text())
+    assert sum(rec["cache_values_per_layer"]) == 2 * per_layer and rec["budget"]["rope_dim"] == rope
+    if "rank" in kw:
+        assert [r["rank"] for r in rec["layers"]] == [kw["rank"]] * 2
+
+
+@pytest.mark.parametrize("kw", [{"kv_ratio": 0.5, "kv_dim": 40}, {"kv_ratio": 0.5, "rank": 16}, {"kv_dim": 40, "rank": 16}])
+def test_two_budget_flags_are_an_error_not_an_override(kw, tiny_src, tmp_path):
+    with pytest.raises(UserError, match="each set the cache budget; give only one"):
+        ConvertConfig(model=str(tiny_src("llama")), output=str(tmp_path / "o"), **kw).validate()

@@ -14,7 +14,7 @@ FAST = dict(calib_samples=4, calib_seq_len=64, eval_samples=1, eval_seq_len=32)
 
 
 def _cfg(src, out, **kw):
-    return ConvertConfig(model=str(src), output=str(out), kv_ratio=0.5, **{**FAST, **kw})
+    return ConvertConfig(model=str(src), output=str(out), **{"kv_ratio": 0.5, **FAST, **kw})
 
 
 def _leftovers(parent):
@@ -76,21 +76,27 @@ def test_existing_output_needs_overwrite(tiny_src, tmp_path):
     assert (out / "conversion.json").is_file() and not (out / "keep.txt").exists()
 
 
-def test_killed_mid_write_leaves_no_output_and_retry_works(tiny_src, tmp_path, monkeypatch):
+def test_disk_full_at_the_end_leaves_no_output_and_resume_finishes(tiny_src, tmp_path, monkeypatch):
     out = tmp_path / "o"
     real_close = checkpoint.ShardWriter.close
 
-    def crash(self):
-        self.flush()
-        raise OSError(28, "No space left on device")
+    def crash(self, *a, **k):
+        if self.directory.name.startswith(".o.tmp-"):  # the output's shards, not the partial run's layer files
+            self.flush()
+            raise OSError(28, "No space left on device")
+        return real_close(self, *a, **k)
 
     monkeypatch.setattr(checkpoint.ShardWriter, "close", crash)
     with pytest.raises(OSError):
         convert(_cfg(tiny_src("llama"), out))
     assert not out.exists() and not _leftovers(tmp_path)
+    assert (tmp_path / ".o.partial").is_dir()  # every layer's work is kept
     monkeypatch.setattr(checkpoint.ShardWriter, "close", real_close)
-    convert(_cfg(tiny_src("llama"), out))
+    with pytest.raises(UserError, match="add --resume to continue it"):
+        convert(_cfg(tiny_src("llama"), out))
+    convert(_cfg(tiny_src("llama"), out, resume=True))
     assert json.loads((out / "conversion.json").read_text())["source_model"] == str(tiny_src("llama"))
+    assert not (tmp_path / ".o.partial").exists()
 
 
 def test_stale_temp_dir_from_a_killed_run_is_cleaned(tiny_src, tmp_path):
@@ -157,3 +163,62 @@ def test_bench_runtime_choice_and_errors(monkeypatch):
                     (dict(attn="flash_attention_2"), "flash-attn"), (dict(speed_cache="paged"), "--speed-cache")):
         with pytest.raises(UserError, match=msg):
             run.BenchConfig(model="m", **kw).validate()
+
+
+# --- issue 15: the remaining bad inputs -------------------------------------------------------------------
+def test_dtype_spellings_are_accepted_and_a_wrong_one_is_one_line(tiny_src, tmp_path):
+    cfg = _cfg(tiny_src("llama"), tmp_path / "o", dtype="bf16")
+    cfg.validate()
+    assert cfg.dtype == "bfloat16"
+    convert(cfg)
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["dtype"] == "bfloat16"
+    with pytest.raises(UserError, match="--dtype must be one of"):
+        _cfg(tiny_src("llama"), tmp_path / "p", dtype="int8").validate()
+
+
+@pytest.mark.parametrize("field", ["batch_size", "calib_samples", "eval_samples", "kv_dim", "rank"])
+def test_non_positive_sizes_are_refused(tiny_src, tmp_path, field):
+    budget = {"kv_ratio": None} if field in ("kv_dim", "rank") else {}
+    with pytest.raises(UserError, match=f"--{field.replace('_', '-')} must be"):
+        _cfg(tiny_src("llama"), tmp_path / "o", **{field: 0, **budget}).validate()
+
+
+def test_untied_source_without_lm_head_fails_before_any_work(tiny_src, tmp_path):
+    from safetensors.torch import load_file, save_file
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_src("llama"), src)  # tiny llama: tie_word_embeddings false
+    state = load_file(src / "model.safetensors")
+    del state["lm_head.weight"]
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match="untied embeddings.*no 'lm_head.weight'"):
+        convert(_cfg(src, tmp_path / "o"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, no partial run
+
+
+def test_output_that_appears_during_the_run_is_not_replaced(tmp_path):
+    out = tmp_path / "o"
+    with pytest.raises(UserError, match="appeared while this run was writing"):
+        with checkpoint.atomic_dir(out) as tmp:
+            (tmp / "result").write_text("new")
+            out.mkdir()
+            (out / "theirs").write_text("keep me")
+    assert (out / "theirs").read_text() == "keep me"
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("o.conflict-")]
+    assert len(kept) == 1 and (kept[0] / "result").read_text() == "new"
+    with checkpoint.atomic_dir(out, overwrite=True) as tmp:  # --overwrite replaces it
+        (tmp / "result").write_text("newer")
+    assert (out / "result").read_text() == "newer" and not (out / "theirs").exists()
+
+
+def test_a_crash_inside_the_swap_loses_nothing(tmp_path):
+    out = tmp_path / "o"
+    (tmp_path / ".o.old-1234abcd").mkdir()  # killed after moving the old output aside ...
+    (tmp_path / ".o.old-1234abcd" / "weights").write_text("old")
+    (tmp_path / ".o.tmp-5678ef90").mkdir()  # ... and before moving the new one in
+    checkpoint.clean_stale(out)
+    assert (out / "weights").read_text() == "old" and not _leftovers(tmp_path)
+    (tmp_path / ".o.old-99999999").mkdir()  # a trash directory next to an existing output is removed
+    checkpoint.clean_stale(out)
+    assert not _leftovers(tmp_path) and (out / "weights").read_text() == "old"

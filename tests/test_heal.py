@@ -213,6 +213,30 @@ def test_interrupt_and_resume_equals_uninterrupted(mla_dir, healed, tmp_path, en
     assert [(m["phase"], m["step"], m["loss"]) for m in got_log] == [(m["phase"], m["step"], m["loss"]) for m in expected_log]
 
 
+HEAL_KILLS = ("heal.checkpoint.part:3", "heal.checkpoint.written:1", "heal.checkpoint.rotate:3")
+
+
+def test_heal_killed_inside_checkpointing_resumes_to_identical_weights(mla_dir, healed, tmp_path):
+    """SIGKILL while a checkpoint is half written, between its rename and the 'latest' pointer (the first
+    one: no pointer yet), and in the rotation; --resume must end where the uninterrupted run did."""
+    import os
+    import subprocess
+
+    for n, point in enumerate(HEAL_KILLS):
+        out = tmp_path / f"out{n}"
+        script = (f"import sys, torch; torch.set_num_threads(2); sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                  "from pathlib import Path; from test_heal import config; from mla_retrofit.heal import heal; "
+                  f"heal(config(Path({str(mla_dir)!r}), Path({str(out)!r}), save_every=1, keep_checkpoints=1))")
+        proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "MLA_RETROFIT_KILL_AT": point},
+                              capture_output=True, timeout=300)
+        assert proc.returncode == -9, (point, proc.stderr[-2000:])
+        assert not out.exists() or not (out / "model.safetensors").exists(), point
+        heal(config(mla_dir, out, save_every=1, keep_checkpoints=1, resume=True))
+        expected, got = weights(healed), weights(out)
+        for name in expected:
+            assert torch.equal(expected[name], got[name]), (point, name)
+
+
 def test_resume_with_other_settings_is_refused(mla_dir, tmp_path):
     cfg = config(mla_dir, tmp_path / "out")
     with pytest.raises(KeyboardInterrupt):

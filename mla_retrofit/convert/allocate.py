@@ -3,18 +3,61 @@
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import UserError
 
 
-def uniform_ranks(total: int, n_layers: int, r_max: list[int]) -> list[int]:
-    """Equal ranks (the DeepSeek export needs them); the remainder of ``total`` is not spent."""
-    r = total // n_layers
-    if r > min(r_max):
-        raise UserError(f"uniform rank {r} exceeds the largest useful rank {min(r_max)}; lower the budget")
-    return [r] * n_layers
+@dataclass
+class Budget:
+    """Per-layer cache values ``r_l + d_R`` and how they were derived."""
+
+    per_layer: int  # cache values per token per layer (mean, for adaptive)
+    rope_dim: int
+    full: int  # 2 * n_kv * h
+    uniform_rank: int | None = None  # explicit --rank
+
+    @property
+    def latent_total_per_layer(self) -> int:
+        return self.per_layer - self.rope_dim
+
+
+def resolve_budget(n_kv: int, head_dim: int, kv_ratio: float | None = None, kv_dim: int | None = None,
+                   rank: int | None = None, rope_dim: int | None = None) -> Budget:
+    """Cache values per layer and RoPE dims from one budget flag (``--rank``, ``--kv-dim`` or ``--kv-ratio``,
+    which defaults to 0.5)."""
+    rope_dim_arg = rope_dim
+    kv_ratio = 0.5 if kv_ratio is None else kv_ratio
+    full = 2 * n_kv * head_dim
+    max_rope = n_kv * head_dim
+    if rank is not None:
+        rope_dim = rope_dim_arg if rope_dim_arg is not None else min(64, head_dim)
+        per_layer = rank + rope_dim
+    else:
+        per_layer = kv_dim if kv_dim is not None else int(round(kv_ratio * full))
+        rope_dim = rope_dim_arg if rope_dim_arg is not None else default_rope_dim(per_layer, full, head_dim, max_rope)
+    if rope_dim > max_rope:
+        raise UserError(f"--rope-dim {rope_dim} exceeds the model's {max_rope} key dims per layer (n_kv * head_dim)")
+    r_max = full - rope_dim
+    if rank is not None and rank > r_max:
+        raise UserError(f"--rank {rank} is above the maximum useful rank {r_max} for --rope-dim {rope_dim}")
+    if per_layer > full:
+        raise UserError(f"budget of {per_layer} cache values per layer exceeds the original {full}; nothing to save")
+    if per_layer <= rope_dim:
+        raise UserError(
+            f"budget of {per_layer} cache values per layer leaves no room for a latent beside {rope_dim} RoPE dims; "
+            "raise --kv-ratio/--kv-dim or lower --rope-dim"
+        )
+    return Budget(per_layer=per_layer, rope_dim=rope_dim, full=full, uniform_rank=rank)
+
+
+def default_rope_dim(per_layer: int, full: int, head_dim: int, max_rope: int) -> int:
+    """All key dims at full budget (the exact construction); else min(64, head_dim), at most half the budget."""
+    if per_layer >= full:
+        return max_rope
+    return max(0, min(64, head_dim, 2 * (per_layer // 4)))
 
 
 def adaptive_ranks(

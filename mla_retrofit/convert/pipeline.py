@@ -12,142 +12,27 @@ from __future__ import annotations
 
 import json
 import math
-import platform
-import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .. import __version__, architectures, data
-from ..checkpoint import AUTO_MAP, ShardWriter, atomic_dir, write_modeling_code
+from .. import __version__, architectures, data, faults
+from ..checkpoint import AUTO_MAP, ShardWriter, atomic_dir, check_output, write_modeling_code
 from ..errors import UserError
 from ..modeling.configuration_mla import MLARetrofitConfig
 from ..modeling.modeling_mla import MLARetrofitDecoderLayer, MLARetrofitRotaryEmbedding
 from ..sources import Source, resolve
 from . import allocate, factorize
 from .calibrate import LayerStats, accumulate
-from .layer import ALPHAS, METHODS, AttnWeights, attention_state, factorization, metric, plan_rope, refit_values, targets
+from .config import ConvertConfig
+from .layer import ALPHAS, AttnWeights, attention_state, factorization, metric, plan_rope, refit_values, targets
+from .partial import RESUME_FREE, PartialRun, source_fingerprint
+from .report import ConversionResult, LayerReport, conversion_record, model_card, peak_rss_mb
 
-
-@dataclass
-class ConvertConfig:
-    model: str
-    output: str
-    kv_ratio: float | None = 0.5
-    kv_dim: int | None = None
-    rank: int | None = None
-    rope_dim: int | None = None
-    method: str = "mla"
-    rank_allocation: str = "adaptive"
-    min_rank_fraction: float = 0.25
-    calib: str = "builtin"
-    calib_samples: int = 64
-    calib_seq_len: int = 512
-    batch_size: int = 8
-    propagate: str = "original"
-    eval_samples: int = 4
-    eval_seq_len: int = 256
-    value_fit: str = "attention"
-    rope_layout: str = "free"
-    centre: bool = True  # False: bias-free latent (no centring), exact in the bias-free engine export
-    att_samples: int = 16
-    dtype: str = "auto"
-    overwrite: bool = False
-
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise UserError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
-        if self.rank_allocation not in ("adaptive", "uniform"):
-            raise UserError("--rank-allocation must be 'adaptive' or 'uniform'")
-        if self.rope_layout not in ("free", "deepseek"):
-            raise UserError("--rope-layout must be 'free' or 'deepseek'")
-        if self.value_fit not in ("attention", "token"):
-            raise UserError("--value-fit must be 'attention' or 'token'")
-        if self.propagate not in ("original", "converted"):
-            raise UserError("--propagate must be 'original' or 'converted'")
-        if self.kv_ratio is not None and not 0 < self.kv_ratio <= 1:
-            raise UserError(f"--kv-ratio must be in (0, 1], got {self.kv_ratio}")
-        if self.calib_samples < 1 or self.calib_seq_len < 16:
-            raise UserError("--calib-samples must be >= 1 and --calib-seq-len >= 16")
-        if self.rope_dim is not None and (self.rope_dim < 0 or self.rope_dim % 2):
-            raise UserError(f"--rope-dim must be an even number >= 0, got {self.rope_dim}")
-
-
-@dataclass
-class Budget:
-    """Per-layer cache values ``r_l + d_R`` and how they were derived."""
-
-    per_layer: int  # cache values per token per layer (mean, for adaptive)
-    rope_dim: int
-    full: int  # 2 * n_kv * h
-    uniform_rank: int | None = None  # explicit --rank
-
-    @property
-    def latent_total_per_layer(self) -> int:
-        return self.per_layer - self.rope_dim
-
-
-def resolve_budget(cfg: ConvertConfig, n_kv: int, head_dim: int) -> Budget:
-    full = 2 * n_kv * head_dim
-    max_rope = n_kv * head_dim
-    if cfg.rank is not None:
-        rope_dim = cfg.rope_dim if cfg.rope_dim is not None else min(64, head_dim)
-        per_layer = cfg.rank + rope_dim
-    else:
-        per_layer = cfg.kv_dim if cfg.kv_dim is not None else int(round(cfg.kv_ratio * full))
-        rope_dim = cfg.rope_dim if cfg.rope_dim is not None else default_rope_dim(per_layer, full, head_dim, max_rope)
-    if rope_dim > max_rope:
-        raise UserError(f"--rope-dim {rope_dim} exceeds the model's {max_rope} key dims per layer (n_kv * head_dim)")
-    r_max = full - rope_dim
-    if cfg.rank is not None and cfg.rank > r_max:
-        raise UserError(f"--rank {cfg.rank} is above the maximum useful rank {r_max} for --rope-dim {rope_dim}")
-    if per_layer > full:
-        raise UserError(f"budget of {per_layer} cache values per layer exceeds the original {full}; nothing to save")
-    if per_layer <= rope_dim:
-        raise UserError(
-            f"budget of {per_layer} cache values per layer leaves no room for a latent beside {rope_dim} RoPE dims; "
-            "raise --kv-ratio/--kv-dim or lower --rope-dim"
-        )
-    return Budget(per_layer=per_layer, rope_dim=rope_dim, full=full, uniform_rank=cfg.rank)
-
-
-def default_rope_dim(per_layer: int, full: int, head_dim: int, max_rope: int) -> int:
-    """All key dims at full budget (the exact construction); else min(64, head_dim), at most half the budget."""
-    if per_layer >= full:
-        return max_rope
-    return max(0, min(64, head_dim, 2 * (per_layer // 4)))
-
-
-@dataclass
-class LayerReport:
-    layer: int
-    rank: int
-    rope_dim: int
-    kept_pairs: list
-    retained_energy: float
-    key_error: float
-    value_error: float
-    attn_error: float
-    alpha: float | None = None
-    rope_cost_kept: float | None = None
-    value_fit: str | None = None
-
-
-@dataclass
-class ConversionResult:
-    output: str
-    layers: list[LayerReport] = field(default_factory=list)
-    kv_original: int = 0
-    kv_converted: int = 0
-    seconds: float = 0.0
-    peak_rss_mb: float = 0.0
-
-    @property
-    def kv_ratio(self) -> float:
-        return self.kv_converted / self.kv_original
+__all__ = ["ConvertConfig", "Converter", "ConversionResult", "LayerReport", "convert"]
 
 
 class Converter:
@@ -167,7 +52,7 @@ class Converter:
         self.n_layers = c.num_hidden_layers
         self.normed = self.spec.qk_norm
         self.sliding = architectures.sliding_window(c)
-        self.budget = resolve_budget(cfg, self.n_kv, self.head_dim)
+        self.budget = allocate.resolve_budget(self.n_kv, self.head_dim, cfg.kv_ratio, cfg.kv_dim, cfg.rank, cfg.rope_dim)
         if cfg.rope_layout == "deepseek":
             half, pairs = self.head_dim // 2, self.budget.rope_dim // 2
             if pairs == 0 or pairs > half:
@@ -175,6 +60,12 @@ class Converter:
                                 f"got {2 * pairs}")
         self.rotary = self.spec.rotary_class()(config=c)
         self.dtype = self._out_dtype()
+        for name in ("model.embed_tokens.weight", "model.norm.weight"):
+            if not self.source.weights.has(name):
+                raise UserError(f"{cfg.model} has no '{name}' tensor; it is not a complete causal-LM checkpoint")
+        if not getattr(c, "tie_word_embeddings", False) and not self.source.weights.has("lm_head.weight"):
+            raise UserError(f"{cfg.model} has untied embeddings (tie_word_embeddings is false) but no 'lm_head.weight'; "
+                            "add the output head's weights, or set tie_word_embeddings to true in its config.json")
 
     # -- small helpers ---------------------------------------------------------------------------
     def _out_dtype(self) -> torch.dtype:
@@ -252,71 +143,104 @@ class Converter:
                 handle.remove()
         return out
 
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of the calibration tokens (only their rows become float32, not the whole table)."""
+        return self.source.weights.get("model.embed_tokens.weight")[ids].float()
+
+    def fingerprint(self) -> dict:
+        cfg = {k: v for k, v in asdict(self.cfg).items() if k not in RESUME_FREE}
+        return {"config": cfg, "mla_retrofit_version": __version__, "source_files": source_fingerprint(self.source)}
+
     def run(self) -> ConversionResult:
         t0 = time.time()
         self.notes: list[str] = []
         cfg = self.cfg
+        out_dir = Path(cfg.output)
+        check_output(out_dir, cfg.overwrite)
+        work = PartialRun(out_dir, self.fingerprint(), self.n_layers, resume=cfg.resume, discard=cfg.overwrite)
+        self.notes += work.notes
         ids = self._windows()
-        n_tok = ids.shape[1]
-        cos, sin = self._rope(n_tok)
-        emb = self.source.weights.get("model.embed_tokens.weight").float()
-        hidden0 = emb[ids]
+        cos, sin = self._rope(ids.shape[1])
         inv_freq = self.rotary.inv_freq.double()
         scaling = float(getattr(self.rotary, "attention_scaling", 1.0))
 
-        # Pass A
-        plans, stats_all, spectra = [], [], []
-        hidden = hidden0
-        for i in range(self.n_layers):
+        # Pass A: statistics, RoPE plan and spectrum per layer, each saved as soon as it is done
+        start, hidden = work.resume_a()
+        if start < self.n_layers:
+            hidden = self._embed(ids) if hidden is None else hidden
+        self.progress("calibrate", start, self.n_layers)
+        for i in range(start, self.n_layers):
             layer = self._layer(i)
             stats = LayerStats(self.n_kv, self.head_dim)
             hidden = self._run_layer(layer, hidden, cos, sin, stats)
             plan = plan_rope(stats, cfg.method, self.budget.rope_dim, inv_freq, self.n_heads, scaling, cfg.rope_layout)
             tg = targets(stats, plan)
             g = metric(stats, plan, tg, AttnWeights.of(layer.self_attn), self.n_heads, 1.0) if cfg.method == "mla" else None
-            spectra.append(factorize.weighted_spectrum(tg.cov, g)[0])
             stats.samples.clear()
-            plans.append(plan)
-            stats_all.append(stats)
-            del layer
+            work.save_a(i, stats, plan, factorize.weighted_spectrum(tg.cov, g)[0], hidden)
+            del layer, stats, tg, g
             self.progress("calibrate", i + 1, self.n_layers)
-
+        del hidden
+        spectra = [work.load_a(i)["spectrum"] for i in range(self.n_layers)]
         ranks = self._allocate(spectra)
-
-        # Pass B
-        result = ConversionResult(output=cfg.output)
-        freq_idx = [[t for _, t in p.kept] for p in plans]
+        freq_idx = [[t for _, t in work.load_a(i)["plan"].kept] for i in range(self.n_layers)]
         mla_cfg = self.mla_config(ranks, freq_idx)
         mla_cfg._attn_implementation = "sdpa"
-        out_dir = Path(cfg.output)
+
+        # Pass B: factorize and write each layer to the partial directory
+        converted = cfg.propagate == "converted"
+        start, hidden = work.resume_b(converted)
+        if converted and start < self.n_layers and hidden is None:
+            hidden = self._embed(ids)
+        self.progress("convert", start, self.n_layers)
+        for i in range(start, self.n_layers):
+            if not converted and work.b_path(i).is_file():
+                self.progress("convert", i + 1, self.n_layers)
+                continue
+            layer = self._layer(i)
+            saved = work.load_a(i)
+            stats, plan = saved["stats"], saved["plan"]
+            if converted and i > 0:
+                stats = LayerStats(self.n_kv, self.head_dim)
+                self._run_layer(layer, hidden, cos, sin, stats)
+                plan = plan_rope(stats, cfg.method, self.budget.rope_dim, inv_freq, self.n_heads, scaling, cfg.rope_layout)
+                plan = _keep_freqs(plan, saved["plan"])
+            mla_layer, report = self._convert_layer(i, layer, stats, plan, ranks[i], mla_cfg, cos, sin)
+            del saved, stats
+            if converted:
+                hidden = self._run_layer(mla_layer, hidden, cos, sin, None)
+            work.save_b(i, {f"model.layers.{i}.{k}": v.to(self.dtype) for k, v in mla_layer.state_dict().items()}, asdict(report),
+                        hidden if converted else None)
+            del layer, mla_layer
+            self.progress("convert", i + 1, self.n_layers)
+
+        # Assembly. A small model gets one file: the layers are streamed into it. A model larger than one
+        # shard keeps each converted layer's file as its shard, hard-linked into the output (no copy, no
+        # second copy on disk; the partial run stays intact until the output is in place).
+        result = ConversionResult(output=cfg.output)
+        layer_files = [work.load_b(i) for i in range(self.n_layers)]
+        result.layers = [LayerReport(**json.loads(f.metadata["report"])) for f in layer_files]
         with atomic_dir(out_dir, cfg.overwrite) as tmp:
             writer = ShardWriter(tmp)
-            hidden = hidden0 if cfg.propagate == "converted" else None
-            for i in range(self.n_layers):
-                layer = self._layer(i)
-                stats, plan = stats_all[i], plans[i]
-                if cfg.propagate == "converted" and i > 0:
-                    stats = LayerStats(self.n_kv, self.head_dim)
-                    self._run_layer(layer, hidden, cos, sin, stats)
-                    plan = plan_rope(stats, cfg.method, self.budget.rope_dim, inv_freq, self.n_heads, scaling, cfg.rope_layout)
-                    plan = _keep_freqs(plan, plans[i])
-                mla_layer, report = self._convert_layer(i, layer, stats, plan, ranks[i], mla_cfg, cos, sin)
-                stats_all[i] = None
-                if cfg.propagate == "converted":
-                    hidden = self._run_layer(mla_layer, hidden, cos, sin, None)
-                for k, v in mla_layer.state_dict().items():
-                    writer.add(f"model.layers.{i}.{k}", v.to(self.dtype))
-                result.layers.append(report)
-                del layer, mla_layer
-                self.progress("convert", i + 1, self.n_layers)
+            one_file = sum(work.b_path(i).stat().st_size for i in range(self.n_layers)) + self._rest_bytes() \
+                <= writer.max_bytes
+            for i, f in enumerate(layer_files):
+                if one_file:
+                    for name in f.keys():
+                        e = f.entries[name]
+                        writer.add_raw(name, e["dtype"], e["shape"], f.raw(name))
+                else:
+                    writer.adopt(work.b_path(i), f)
+                f.close()
             self._write_rest(writer, tmp, mla_cfg)
             writer.close()
             result.kv_original = self.n_layers * self.budget.full
             result.kv_converted = sum(mla_cfg.cache_values_per_token())
             result.seconds = time.time() - t0
-            result.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            (tmp / "conversion.json").write_text(json.dumps(self.record(result, mla_cfg), indent=2))
+            result.peak_rss_mb = peak_rss_mb()
+            (tmp / "conversion.json").write_text(json.dumps(conversion_record(self, result, mla_cfg), indent=2))
             (tmp / "README.md").write_text(model_card(self, result))
+        work.remove()
         return result
 
     def _allocate(self, spectra: list[torch.Tensor]) -> list[int]:
@@ -375,9 +299,15 @@ class Converter:
         )
         return mla_layer, report
 
+    def _rest_bytes(self) -> int:
+        c, size = self.config, torch.empty(0, dtype=self.dtype).element_size()
+        tables = 1 if getattr(c, "tie_word_embeddings", False) else 2
+        return (tables * c.vocab_size + 1) * c.hidden_size * size
+
     def _write_rest(self, writer: ShardWriter, tmp: Path, mla_cfg: MLARetrofitConfig) -> None:
         w = self.source.weights
         writer.add("model.embed_tokens.weight", w.get("model.embed_tokens.weight").to(self.dtype))
+        faults.point("convert.rest")
         writer.add("model.norm.weight", w.get("model.norm.weight").to(self.dtype))
         if not mla_cfg.tie_word_embeddings:
             writer.add("lm_head.weight", w.get("lm_head.weight").to(self.dtype))
@@ -389,25 +319,6 @@ class Converter:
             self.source.tokenizer().save_pretrained(str(tmp))
         except Exception as e:  # a model without a tokenizer still converts
             self.notes.append(f"tokenizer not copied: {e}")
-
-    def record(self, result: ConversionResult, mla_cfg: MLARetrofitConfig) -> dict:
-        return {
-            "mla_retrofit_version": __version__,
-            "source_model": self.cfg.model,
-            "source_model_type": self.config.model_type,
-            "config": asdict(self.cfg),
-            "budget": asdict(self.budget),
-            "kv_values_per_token": {"original": result.kv_original, "converted": result.kv_converted,
-                                    "ratio": result.kv_ratio},
-            "cache_values_per_layer": mla_cfg.cache_values_per_token(),
-            "layers": [asdict(r) for r in result.layers],
-            "seconds": round(result.seconds, 1),
-            "peak_rss_mb": round(result.peak_rss_mb, 1),
-            "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                        "platform": platform.platform(), "cpus": torch.get_num_threads()},
-            "notes": self.notes,
-        }
-
 
 def drop_zero_biases(state: dict, wanted) -> dict:
     """Leave out the bias tensors the MLA layer has no parameter for (they are zero: a bias-free latent)."""
@@ -422,22 +333,6 @@ def _keep_freqs(plan, first_plan):
     """In ``propagate='converted'`` mode the cache layout (kept pairs) stays that of pass A."""
     plan.kept, plan.dropped = first_plan.kept, first_plan.dropped
     return plan
-
-
-def model_card(conv: Converter, result: ConversionResult) -> str:
-    cfg = conv.cfg
-    ranks = [r.rank for r in result.layers]
-    return (
-        f"# MLA retrofit of {cfg.model}\n\n"
-        f"Converted with mla-retrofit {__version__} (method `{cfg.method}`, rank allocation `{cfg.rank_allocation}`).\n\n"
-        f"- KV cache per token: {result.kv_converted} values vs {result.kv_original} originally "
-        f"({result.kv_ratio:.3f}x)\n"
-        f"- latent ranks per layer: {ranks}\n"
-        f"- RoPE dims per layer: {conv.budget.rope_dim}\n"
-        f"- calibration: `{cfg.calib}`, {cfg.calib_samples} x {cfg.calib_seq_len} tokens\n\n"
-        "Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.\n"
-        "`conversion.json` holds the per-layer report and the exact settings.\n"
-    )
 
 
 def convert(cfg: ConvertConfig, progress=None, source: Source | None = None) -> ConversionResult:

@@ -146,7 +146,7 @@ def plan_rank(ranks: list[int], extra: int, pad_ranks: bool, flashmla: bool) -> 
         extra_vals = sum(max(ranks) - r for r in ranks)
         raise UserError(
             f"latent ranks differ across layers ({min(ranks)}..{max(ranks)}) but DeepSeek-V3 has one kv_lora_rank: "
-            f"pass pad_ranks=True (zero-pads to {max(ranks)}, +{extra_vals} cache values per token) or re-convert "
+            f"pass --pad-ranks (zero-pads to {max(ranks)}, +{extra_vals} cache values per token) or re-convert "
             "with --rank-allocation uniform"
         )
     return need

@@ -142,7 +142,7 @@ def save_student(model, directory: Path, tokenizer, extra_files: dict[str, str])
         name = f"model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight"
         state[name] = state[name].detach().clone()
         state[name][:r] /= k
-    model.save_pretrained(str(directory), state_dict=state)
+    model.save_pretrained(str(directory), state_dict=state, max_shard_size="2GB")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     for name, text in extra_files.items():

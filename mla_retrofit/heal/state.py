@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .. import faults
+
 LATEST = "latest"
 
 
@@ -80,10 +82,13 @@ def save_checkpoint(root: Path, ckpt: Checkpoint, keep: int) -> Path:
     for name in ("weights", "optimizer", "scheduler", "rng"):
         if getattr(ckpt, name) is not None:
             torch.save(getattr(ckpt, name), tmp / f"{name}.pt")
+            faults.point("heal.checkpoint.part")
     tmp.rename(final)
+    faults.point("heal.checkpoint.written")
     pointer = root / f".{LATEST}-{uuid.uuid4().hex[:6]}"
     pointer.write_text(final.name)
     os.replace(pointer, root / LATEST)
+    faults.point("heal.checkpoint.rotate")
     _rotate(root, keep, final.name)
     return final
 
@@ -102,9 +107,13 @@ def latest_checkpoint(root: Path) -> Path | None:
     """The checkpoint ``latest`` names; None when there is none; :class:`CheckpointError` when it is unreadable."""
     pointer = root / LATEST
     if not pointer.is_file():
-        if root.is_dir() and any(root.glob("phase*-step*")):
-            raise CheckpointError(f"{root} holds checkpoints but no '{LATEST}' pointer")
-        return None
+        # killed between renaming its first checkpoint into place and writing the pointer: a renamed
+        # checkpoint is complete, so the newest one is where the run stood
+        done = sorted((_order(p.name), p) for p in root.glob("phase*-step*") if (p / "state.json").is_file()) \
+            if root.is_dir() else []
+        if not done:
+            return None
+        pointer.write_text(done[-1][1].name)
     path = root / pointer.read_text().strip()
     if not (path / "state.json").is_file():
         raise CheckpointError(f"{pointer} names {path.name}, which is missing or incomplete")
@@ -113,6 +122,12 @@ def latest_checkpoint(root: Path) -> Path | None:
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}/state.json cannot be read ({e})") from e
     return path
+
+
+def _order(name: str) -> tuple[int, int, bool]:
+    """(phase, step, phase end) of a checkpoint directory name ``phaseP-stepS[-end]-<id>``."""
+    phase, step = name.split("-")[:2]
+    return int(phase[len("phase"):]), int(step[len("step"):]), "-end-" in name
 
 
 def read_state(path: Path) -> ResumeState:

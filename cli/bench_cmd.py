@@ -1,0 +1,164 @@
+"""``mla-retrofit bench``: KV report, fidelity against the original, speed, and how they are printed."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from mla_retrofit.errors import UserError
+
+from . import state
+from .main import VERBOSITY, app, console, err_console, info, user_errors
+
+
+@app.command()
+def bench(
+    model: Optional[str] = typer.Argument(None, help="Model to benchmark (default: the last heal, else the last convert)."),
+    baseline: Optional[str] = typer.Option(None, help="Baseline (default: the conversion's source model)."),
+    kv_report: bool = typer.Option(False, "--kv-report", help="KV-cache report (analytic and measured)."),
+    fidelity: bool = typer.Option(False, "--fidelity", help="Perplexity, KL and top-1 agreement vs the baseline."),
+    speed: bool = typer.Option(False, "--speed", help="Prefill/decode speed vs the baseline."),
+    context: str = typer.Option("4k,32k,128k", help="Context lengths for the KV table."),
+    batch: str = typer.Option("1,8", help="Batch sizes for the KV table."),
+    dtype: str = typer.Option("bf16", help="Cache dtype for the KV table: bf16, fp16, fp32, fp8."),
+    memory: str = typer.Option("80GB", help="Memory for the 'what fits' rows (weights included)."),
+    text: str = typer.Option("builtin-eval", help="Fidelity text: builtin-eval, a .txt/.jsonl file or dataset id."),
+    eval_samples: int = typer.Option(16, help="Fidelity windows."),
+    eval_seq_len: int = typer.Option(512, help="Tokens per fidelity window."),
+    speed_context: str = typer.Option("4k,8k", help="Context lengths for the speed runs."),
+    speed_batch: int = typer.Option(1, help="Batch size for the speed runs."),
+    speed_cache: str = typer.Option("dynamic", help="Speed runs with: dynamic (each model's generate() default cache), static (both preallocated), compiled (static + torch.compile; CUDA graphs on GPU); comma list."),
+    decode_steps: int = typer.Option(8, help="Timed decode steps per round."),
+    device: str = typer.Option("auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N."),
+    weights_dtype: str = typer.Option("auto", help="Weights and activations: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."),
+    attn: str = typer.Option("auto", help="Attention kernels: auto (flash_attention_2 on CUDA when flash-attn is installed, else sdpa), sdpa, eager, flash_attention_2."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number to this JSON file."),
+    plot: Optional[Path] = typer.Option(None, help="Write a PNG: cache vs context, decode tokens/s vs context."),
+    lm_eval: Optional[str] = typer.Option(None, help="Comma list of lm-evaluation-harness tasks (needs lm_eval)."),
+) -> None:
+    """Benchmark a converted model against its original: KV report, fidelity, speed.
+
+    With none of --kv-report/--fidelity/--speed, all three run.
+
+    Examples:
+
+      mla-retrofit bench --kv-report
+
+      mla-retrofit bench out/ --fidelity --text heldout.txt --json bench.json
+
+      mla-retrofit bench out/ --speed --speed-context 4k,8k --plot bench.png
+    """
+    from mla_retrofit.bench.run import BenchConfig, plot as make_plot, run_bench
+
+    with user_errors():
+        if model is None:
+            model = state.last("heal") or state.last("convert")
+            if model is None:
+                raise UserError("no model given and no previous run here; run 'mla-retrofit convert MODEL OUT' first")
+            info(f"using the last run's output: {model}")
+        if lm_eval:
+            _check_lm_eval()
+        none = not (kv_report or fidelity or speed)
+        cfg = BenchConfig(model=model, baseline=baseline, kv_report=kv_report or none, fidelity=fidelity or none,
+                          speed=speed or none, contexts=context, batches=batch, dtype=dtype, memory=memory, text=text,
+                          eval_samples=eval_samples, eval_seq_len=eval_seq_len, speed_contexts=speed_context,
+                          speed_batch=speed_batch, speed_cache=speed_cache, decode_steps=decode_steps,
+                          device=device, weights_dtype=weights_dtype, attn=attn)
+        with err_console.status("benchmarking") as status:
+            result = run_bench(cfg, progress=lambda s: status.update(s), command=" ".join(["mla-retrofit"] + sys.argv[1:]))
+        if lm_eval:
+            result["lm_eval"] = _run_lm_eval(model, lm_eval)
+        print_bench(result)
+        if json_path:
+            json_path.write_text(json.dumps(result, indent=2))
+            info(f"wrote {json_path}")
+        if plot:
+            make_plot(result, str(plot))
+            info(f"wrote {plot}")
+
+
+def _check_lm_eval() -> None:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as e:
+        raise UserError("--lm-eval needs lm-evaluation-harness: pip install lm-eval") from e
+
+
+def _run_lm_eval(model: str, tasks: str) -> dict:
+    import lm_eval
+
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model},trust_remote_code=True",
+                                  tasks=tasks.split(","))
+    return out.get("results", {})
+
+
+def _gib(n) -> str:
+    return "-" if n is None else f"{n / 2**30:.3f} GiB"
+
+
+def print_bench(result: dict) -> None:
+    rt = result.get("runtime")
+    if rt:
+        console.print(f"ran on {rt['device']}, {rt['weights_dtype']} weights, {rt['attn_implementation']} attention",
+                      highlight=False)
+    rep = result.get("kv_report")
+    if rep:
+        if VERBOSITY["level"] >= 2:
+            t = Table(title="cache values per token, per layer")
+            for col in ("layer", "rank", "rope", "values", "baseline"):
+                t.add_column(col, justify="right")
+            for r in rep["per_layer"]:
+                t.add_row(str(r["layer"]), str(r.get("rank", "-")), str(r.get("rope_dim", "-")), str(r["values"]),
+                          str(r["baseline_values"] or "-"))
+            console.print(t)
+        per = rep["bytes_per_token"]
+        console.print(f"KV cache per token ({rep['dtype']}): model {per['model']} B, baseline {per['baseline'] or '-'} B"
+                      + (f"  -> {per['model'] / per['baseline']:.3f}x" if per["baseline"] else ""), highlight=False)
+        t = Table(title=f"KV cache size ({rep['dtype']})")
+        for col in ("context", "batch", "model", "baseline", "saved"):
+            t.add_column(col, justify="right")
+        for r in rep["table"]:
+            saved = "-" if not r["baseline_bytes"] else f"{1 - r['model_bytes'] / r['baseline_bytes']:.1%}"
+            t.add_row(str(r["context"]), str(r["batch"]), _gib(r["model_bytes"]), _gib(r["baseline_bytes"]), saved)
+        console.print(t)
+        fit = rep["fit"]
+        t = Table(title=f"what fits in {fit['memory_bytes'] / 1e9:.0f} GB (weights included)")
+        for col in ("context", "max batch (model)", "max batch (baseline)"):
+            t.add_column(col, justify="right")
+        for r in fit["max_batch"]:
+            t.add_row(str(r["context"]), str(r["model"]), str(r["baseline"] if r["baseline"] is not None else "-"))
+        console.print(t)
+        m = rep["measured"]
+        for name, g in m.items():
+            ok = "[green]equal[/]" if g["measured_bytes"] == g["analytic_bytes"] else "[red]DIFFERENT[/]"
+            console.print(f"measured after generate() ({name}): {g['measured_bytes']} B held for {g['cached_tokens']} "
+                          f"tokens; analytic {g['analytic_bytes']} B: {ok}")
+    fid = result.get("fidelity")
+    if fid:
+        console.print(f"fidelity on {fid['text']} ({fid['tokens']} tokens): ppl {fid['ppl_model']:.3f} vs "
+                      f"{fid['ppl_baseline']:.3f} ([bold]{fid['ppl_ratio']:.3f}x[/]), KL {fid['kl']:.4f} nats/token, "
+                      f"top-1 agreement {fid['top1_agreement']:.1%}", highlight=False)
+    sp = result.get("speed")
+    if sp:
+        t = Table(title=f"speed, batch {sp[0]['batch']} (tokens/s: model / baseline)")
+        for col in ("context", "cache", "prefill", "ratio", "decode", "ratio"):
+            t.add_column(col, justify="right")
+        for r in sp:
+            m, b = r["model"], r["baseline"]
+            t.add_row(str(r["context"]), "compiled" if r.get("compiled") else r.get("cache", "dynamic"),
+                      f"{m['prefill_tok_s']:.0f} / {b['prefill_tok_s']:.0f}", f"{r['prefill_ratio']:.2f}x",
+                      f"{m['decode_tok_s']:.1f} / {b['decode_tok_s']:.1f}", f"[bold]{r['decode_ratio']:.2f}x[/]")
+        console.print(t)
+        if any(r.get("cache", "dynamic") == "dynamic" for r in sp):
+            console.print("dynamic: each model's default generate() cache (the GQA cache is re-concatenated every "
+                          "step, the MLA latent is written in place); --speed-cache static compares both on "
+                          "preallocated caches", style="dim", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------
