@@ -258,7 +258,7 @@ def inspect(
 
       mla-retrofit inspect smollm2-135m-instruct --rank 128 --rope-dim 64 --json
     """
-    from mla_retrofit.inspect import plan
+    from mla_retrofit.inspection import plan
 
     with user_errors():
         p = plan(model, kv_ratio=kv_ratio, kv_dim=kv_dim, rank=rank, rope_dim=rope_dim, dtype=dtype,

@@ -71,11 +71,20 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
 
 SUPPORTED = ", ".join(t for a in ARCHITECTURES for t in a.model_types)
 
+#: ``model_type`` of the native MLA checkpoints convert and heal write.
+MLA_MODEL_TYPE = "mla_retrofit"
+
+
+def is_mla(config) -> bool:
+    """True for a native MLA checkpoint's config (a config object or a ``config.json`` mapping)."""
+    kind = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    return kind == MLA_MODEL_TYPE
+
 
 def spec_for(config) -> ArchSpec:
     """The family of a transformers config, or a one-line :class:`UserError` saying what is supported."""
     model_type = getattr(config, "model_type", None)
-    if model_type == "mla_retrofit":
+    if is_mla(config):
         raise UserError("this model is already an MLA retrofit; convert its source model instead")
     if model_type in ("deepseek_v2", "deepseek_v3", "kimi_k2"):
         raise UserError(f"'{model_type}' already uses Multi-head Latent Attention; nothing to convert")

@@ -21,7 +21,7 @@ from . import faults
 from .errors import UserError
 
 MODELING_DIR = Path(__file__).parent / "modeling"
-MODELING_FILES = ("configuration_mla.py", "modeling_mla.py")
+MODELING_FILES = ("configuration_mla.py", "modeling_mla.py", "cache_mla.py", "rope_mla.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_mla.MLARetrofitConfig",
     "AutoModelForCausalLM": "modeling_mla.MLARetrofitForCausalLM",

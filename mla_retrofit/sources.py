@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .architectures import is_mla
 from .checkpoint import SafetensorsFile
 from .errors import UserError
 
@@ -197,7 +198,7 @@ def load_config(name: str):
 
 def _is_mla_dir(directory: Path) -> bool:
     cfg = directory / "config.json"
-    return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "mla_retrofit"
+    return cfg.is_file() and is_mla(json.loads(cfg.read_text()))
 
 
 def resolve(name: str) -> Source:

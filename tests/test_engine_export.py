@@ -275,7 +275,7 @@ def test_imitation_targets_follow_the_engine_forms_residual_scale(tmp_path):
     from mla_retrofit.convert.pipeline import ConvertConfig, convert
     from mla_retrofit.heal import models
     from mla_retrofit.heal.losses import imitation_loss
-    from mla_retrofit.heal.recipe import causal_mask
+    from mla_retrofit.heal.models import causal_mask
     from mla_retrofit.sources import load_model
 
     src = save_tiny("llama", tmp_path / "src")

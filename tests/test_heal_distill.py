@@ -19,6 +19,7 @@ from mla_retrofit.errors import UserError  # noqa: E402
 from mla_retrofit.heal import HealConfig, heal  # noqa: E402
 from mla_retrofit.heal import models, state as heal_state  # noqa: E402
 from mla_retrofit.heal.data import PackedStream, split_dev  # noqa: E402
+from mla_retrofit.sources import load_tokenizer  # noqa: E402
 from mla_retrofit.heal.losses import ce_targets, distill_sums, kl_per_token  # noqa: E402
 from mla_retrofit.heal.state import latest_checkpoint, read_state  # noqa: E402
 
@@ -109,7 +110,7 @@ def test_micro_batches_with_different_target_counts_give_the_one_batch_gradient(
     heal(config(setup, tmp_path / "one", batch_size=2, grad_accum=1, **common))
     heal(config(setup, tmp_path / "two", batch_size=1, grad_accum=2, **common))
     stream = PackedStream(split_dev(__import__("mla_retrofit.data", fromlist=["x"]).builtin_chat(), 0.05, 0)[0],
-                          models.load_tokenizer(str(setup / "mla")), 32, 0)
+                          load_tokenizer(str(setup / "mla")), 32, 0)
     _, pos, mask = stream.take(2)
     counts = [int(ce_targets(torch.zeros_like(pos), m[None], p[None])[1].sum()) for m, p in zip(mask, pos)]
     assert counts[0] != counts[1]  # the two micro-batches hold different numbers of targets
@@ -238,7 +239,7 @@ def test_heal_of_a_deepseek_export_trains_and_writes_a_stock_checkpoint(converte
 
 # -- the closed-form refit ---------------------------------------------------------------------------
 def test_refit_lands_each_layer_closer_to_the_teachers_residual_stream(setup, tmp_path):
-    from mla_retrofit.heal.recipe import causal_mask
+    from mla_retrofit.heal.models import causal_mask
     from mla_retrofit.heal.refit import refit_output_projections, teacher_post_attention
     from mla_retrofit.sources import load_model
 

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from ..metrics import kl_from_log_probs, top1_agreement
+
 
 @dataclass
 class Fidelity:
@@ -37,8 +39,8 @@ def compare(model, baseline, ids: torch.Tensor, batch_size: int = 2, progress=No
         target = x[:, 1:].unsqueeze(-1)
         nll_m += float(-lm.gather(-1, target).sum())
         nll_b += float(-lb.gather(-1, target).sum())
-        kl += float((lb.exp() * (lb - lm)).sum())
-        agree += float((lm.argmax(-1) == lb.argmax(-1)).sum())
+        kl += float(kl_from_log_probs(lm, lb).sum())
+        agree += float(top1_agreement(lm, lb).sum())
         count += target.numel()
         if progress:
             progress(min(s + batch_size, ids.shape[0]), ids.shape[0])

@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1, "int8": 1}
+from ..architectures import is_mla
+
 
 
 def cache_values_per_layer(config) -> list[int]:
     """Values cached per token in each layer: ``r_l + d_R,l`` for MLA, ``2 * n_kv * h`` for GQA/MHA."""
-    if getattr(config, "model_type", None) == "mla_retrofit":
+    if is_mla(config):
         return [r + 2 * len(f) for r, f in zip(config.kv_lora_ranks, config.rope_freq_idx)]
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return [2 * config.num_key_value_heads * head_dim] * config.num_hidden_layers

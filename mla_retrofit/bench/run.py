@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__, data
+from .. import __version__, data, dtypes
+from ..architectures import is_mla
 from ..errors import UserError
 from ..sources import load_model, load_tokenizer
 from . import fidelity as fid
@@ -69,14 +70,12 @@ class BenchConfig:
             raise UserError(f"--device must be auto, cpu or cuda[:N] (got {self.device})")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"--device {self.device}: no CUDA device is visible here; use --device cpu")
-        if self.weights_dtype not in WEIGHT_DTYPES:
-            raise UserError(f"--weights-dtype must be one of {', '.join(WEIGHT_DTYPES)} (got {self.weights_dtype})")
+        self.weights_dtype = dtypes.canonical(self.weights_dtype, "--weights-dtype", auto=True)
         if self.attn not in ("auto", "sdpa", "eager", "flash_attention_2"):
             raise UserError(f"--attn must be auto, sdpa, eager or flash_attention_2 (got {self.attn})")
         if self.attn == "flash_attention_2" and not flash_attn_available():
             raise UserError("--attn flash_attention_2 needs flash-attn: pip install 'mla-retrofit[flash]' (CUDA only)")
-        if self.dtype.lower() not in kv.DTYPE_BYTES:
-            raise UserError(f"--dtype must be one of {', '.join(kv.DTYPE_BYTES)}")
+        dtypes.cache_bytes(self.dtype)
         for name in ("contexts", "batches", "speed_contexts"):
             try:
                 kv.parse_tokens(getattr(self, name))
@@ -92,7 +91,6 @@ class BenchConfig:
             raise UserError(f"--memory must look like 80GB or 24GiB ({e})") from e
 
 
-WEIGHT_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def flash_attn_available() -> bool:
@@ -105,7 +103,8 @@ def runtime(cfg: BenchConfig) -> tuple[torch.device, torch.dtype, str]:
     """Where and how the models run: CUDA when present (bf16, flash-attn when installed), else CPU float32."""
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
-    dtype = WEIGHT_DTYPES[cfg.weights_dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = (dtypes.weight_dtype(cfg.weights_dtype) if cfg.weights_dtype != "auto" else
+             torch.bfloat16 if device.type == "cuda" else torch.float32)
     attn = cfg.attn
     if attn == "auto":
         attn = "flash_attention_2" if device.type == "cuda" and dtype != torch.float32 and flash_attn_available() else "sdpa"
@@ -134,14 +133,14 @@ def machine() -> dict:
 
 
 def kv_report(cfg: BenchConfig, model, baseline, tokenizer) -> dict:
-    dtype_bytes = kv.DTYPE_BYTES[cfg.dtype.lower()]
+    dtype_bytes = dtypes.cache_bytes(cfg.dtype)
     mvals = kv.cache_values_per_layer(model.config)
     bvals = kv.cache_values_per_layer(baseline.config) if baseline is not None else None
     c = model.config
     per_layer = []
     for i, v in enumerate(mvals):
         row = {"layer": i, "values": v, "baseline_values": bvals[i] if bvals else None}
-        if c.model_type == "mla_retrofit":
+        if is_mla(c):
             row.update(rank=c.kv_lora_ranks[i], rope_dim=2 * len(c.rope_freq_idx[i]))
         per_layer.append(row)
     contexts, batches = kv.parse_tokens(cfg.contexts), kv.parse_tokens(cfg.batches)

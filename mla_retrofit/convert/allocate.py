@@ -1,4 +1,4 @@
-"""Per-layer latent ranks under one global KV budget (DESIGN.md §3.4)."""
+"""Per-layer latent ranks under one global KV budget (docs/method.md §4)."""
 
 from __future__ import annotations
 

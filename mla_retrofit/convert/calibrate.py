@@ -1,4 +1,4 @@
-"""Per-layer calibration statistics, accumulated in float64 (DESIGN.md §3.1).
+"""Per-layer calibration statistics, accumulated in float64 (docs/method.md §1).
 
 For one decoder layer and its input hidden states this collects: the mean and
 second moment of ``u = [k ; v]`` (keys after ``k_norm``, before RoPE), the

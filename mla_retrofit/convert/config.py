@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import dtypes
 from ..errors import UserError
 from .layer import METHODS
-
-#: ``--dtype`` spellings and the torch dtype names they mean.
-OUT_DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "f32": "float32", "bfloat16": "bfloat16",
-              "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "f16": "float16"}
-
 
 @dataclass
 class ConvertConfig:
@@ -67,6 +63,4 @@ class ConvertConfig:
             raise UserError(f"--att-samples must be >= 0, got {self.att_samples}")
         if not 0 < self.min_rank_fraction <= 1:
             raise UserError(f"--min-rank-fraction must be in (0, 1], got {self.min_rank_fraction}")
-        if self.dtype not in OUT_DTYPES:
-            raise UserError(f"--dtype must be one of {', '.join(OUT_DTYPES)}, got '{self.dtype}'")
-        self.dtype = OUT_DTYPES[self.dtype]
+        self.dtype = dtypes.canonical(self.dtype, "--dtype", auto=True)

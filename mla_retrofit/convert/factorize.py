@@ -1,6 +1,6 @@
 """Low-rank joint K/V factorization: ``y ~ mu + A c``, ``c = B (y - mu)``, rank ``r``.
 
-Covariance-aware (DESIGN.md §3.3): minimise ``E[(y - y_hat)^T G (y - y_hat)]``
+Covariance-aware (docs/method.md §3): minimise ``E[(y - y_hat)^T G (y - y_hat)]``
 over activations, with a metric ``G`` (query second moment for keys,
 ``W_o^T W_o`` for values). The solution is PCA of ``L Cov L`` with
 ``L = G^{1/2}``: ``B = P^T L``, ``A = L^{-1} P``.

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .. import __version__, architectures, data, faults
+from .. import __version__, architectures, data, dtypes, faults
 from ..checkpoint import AUTO_MAP, ShardWriter, atomic_dir, check_output, write_modeling_code
 from ..errors import UserError
 from ..modeling.configuration_mla import MLARetrofitConfig
@@ -70,7 +70,7 @@ class Converter:
     # -- small helpers ---------------------------------------------------------------------------
     def _out_dtype(self) -> torch.dtype:
         if self.cfg.dtype != "auto":
-            return getattr(torch, self.cfg.dtype)
+            return dtypes.weight_dtype(self.cfg.dtype)
         any_name = self.spec.layer_prefix.format(i=0) + "self_attn.q_proj.weight"
         t = self.source.weights.get(any_name)
         return t.dtype if t.is_floating_point() else torch.float32

@@ -1,6 +1,6 @@
 """RoPE-subspace isolation: per-frequency mixing across KV heads and the choice of pairs that keep rotation.
 
-Notation (DESIGN.md §3.2). Keys are flattened per layer as ``u_k[j*h + e]``
+Notation (docs/method.md §2). Keys are flattened per layer as ``u_k[j*h + e]``
 (KV head ``j``, dim ``e``), half-split layout: pair ``t`` is dims ``(t, t+h/2)``.
 For frequency ``t`` an orthogonal ``U_t`` (``n_kv x n_kv``) mixes the heads'
 pairs: ``kappa'_{p,t} = sum_j U_t[p, j] kappa_{j,t}``. RoPE rotates every

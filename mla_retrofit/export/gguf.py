@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..architectures import is_mla
 from ..errors import UserError
 
 LLAMACPP_PIN = "llama.cpp as vendored in llama-cpp-python 0.3.36 (PyPI sdist)"
@@ -79,9 +80,10 @@ def export_gguf(model_dir: str, out_file: str, outtype: str = "f32", overwrite: 
     cfg_file = src / "config.json"
     if not cfg_file.is_file():
         raise UserError(f"{src} has no config.json; pass a directory written by `mla-retrofit convert` or `export`")
-    model_type = json.loads(cfg_file.read_text()).get("model_type")
+    raw = json.loads(cfg_file.read_text())
+    model_type = raw.get("model_type")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if model_type == "mla_retrofit":
+    if is_mla(raw):
         from .deepseek import export_deepseek
 
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.ds-") as tmp:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..metrics import kl_per_token, top1_agreement
 from ..modeling.configuration_mla import MLARetrofitConfig
 from ..modeling.modeling_mla import MLARetrofitDecoderLayer, MLARetrofitRMSNorm, MLARetrofitRotaryEmbedding
 
@@ -62,12 +63,11 @@ class StreamCheck:
 
 def compare_logits(ref: torch.Tensor, got: torch.Tensor) -> dict:
     """Per-token ``KL(ref || got)`` (mean, max), top-1 agreement and max |logit diff|."""
-    lp, lq = ref.double().log_softmax(-1), got.double().log_softmax(-1)
-    kl = (lp.exp() * (lp - lq)).sum(-1).flatten()
+    kl = kl_per_token(got, ref, torch.float64).flatten()
     return {
         "tokens": int(kl.numel()),
         "kl_mean": float(kl.mean()),
         "kl_max": float(kl.max()),
-        "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).double().mean()),
+        "top1_agreement": float(top1_agreement(got, ref).mean()),
         "max_abs_logit_diff": float((ref.double() - got.double()).abs().max()),
     }

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ..metrics import kl_per_token  # noqa: F401  (KL(teacher || student) per position)
 from torch.utils.checkpoint import checkpoint
 
 
@@ -26,13 +28,6 @@ def imitation_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> 
         t = t.float()
         total = total + (y.float() - t).square().mean() / t.square().mean().clamp_min(1e-12)
     return total
-
-
-def kl_per_token(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """``KL(teacher || model)`` in nats for every position (``[...]``), over the whole vocabulary, temperature 1."""
-    log_p = F.log_softmax(logits.float(), dim=-1)
-    log_t = F.log_softmax(teacher_logits.float(), dim=-1)
-    return (log_t.exp() * (log_t - log_p)).sum(-1)
 
 
 def ce_targets(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None = None):

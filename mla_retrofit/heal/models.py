@@ -18,9 +18,11 @@ import json
 from pathlib import Path
 
 import torch
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..architectures import is_mla
 from ..checkpoint import save_mla_model
 from ..errors import UserError
 from ..modeling.configuration_mla import MLARetrofitConfig
@@ -132,7 +134,7 @@ def teacher_attention(teacher, student, ids: torch.Tensor, positions: torch.Tens
 
 def save_student(model, directory: Path, tokenizer, extra_files: dict[str, str]) -> None:
     """Write the student in its own format (native MLA with its modeling code, or stock DeepSeek-V3)."""
-    if getattr(model.config, "model_type", None) == "mla_retrofit":
+    if is_mla(model.config):
         save_mla_model(model, directory, tokenizer, extra_files)
         return
     state = model.state_dict()  # references; only the rescaled latent projections are copies
@@ -147,17 +149,6 @@ def save_student(model, directory: Path, tokenizer, extra_files: dict[str, str])
         tokenizer.save_pretrained(str(directory))
     for name, text in extra_files.items():
         (directory / name).write_text(text)
-
-
-def load_tokenizer(directory: str):
-    """The student's tokenizer (a native checkpoint's config is MLA code shipped in it, hence trusted)."""
-    from transformers import AutoTokenizer
-
-    kind = student_type(directory)
-    try:
-        return AutoTokenizer.from_pretrained(directory, trust_remote_code=kind == "mla_retrofit")
-    except Exception as e:
-        raise UserError(f"cannot load the tokenizer of {directory} ({e})") from e
 
 
 def param_counts(directory: str) -> dict[str, int]:
@@ -271,3 +262,9 @@ class HiddenTap:
 
     def __exit__(self, *exc) -> None:
         self.handle.remove()
+
+
+def causal_mask(config, x: torch.Tensor, positions: torch.Tensor):
+    """The mask the student's full forward would build for an unpadded batch (None: plain causal SDPA)."""
+    fn = create_causal_mask if getattr(config, "sliding_window", None) is None else create_sliding_window_causal_mask
+    return fn(config=config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=positions)

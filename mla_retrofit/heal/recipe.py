@@ -26,25 +26,25 @@ import json
 import os
 import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from .. import __version__
 from ..data import TEACHER_SAMPLES, heal_records
 from ..errors import UserError
+from ..sources import load_tokenizer
 from . import models, samples
 from .config import HealConfig
 from .data import PackedStream, split_dev
 from .engine import make_engine, rng_state, seed_everything, set_rng_state
 from .gate import DevScore, dev_score
 from .loop import Batch, PhaseResult, PhaseRun, lr_lambda
+from .output import OutputMixin, saved_dtype
 from .losses import distill_sums, imitation_loss
+from .models import causal_mask
 from .plan import PhasePlan, Plan, make_plan
 from .refit import refit_output_projections
 from .state import (Checkpoint, CheckpointError, MetricsLog, ResumeState, latest_checkpoint, load_part, read_state,
@@ -76,7 +76,7 @@ def heal(cfg: HealConfig, progress: Progress | None = None) -> HealResult:
     return HealRecipe(cfg, progress).run()
 
 
-class HealRecipe:
+class HealRecipe(OutputMixin):
     def __init__(self, cfg: HealConfig, progress: Progress | None = None):
         self.cfg = cfg.resolved()
         self.progress = progress or (lambda phase, step, total, metrics: None)
@@ -100,7 +100,7 @@ class HealRecipe:
         done = self.finished_result()
         if done is not None:
             return done
-        self.tokenizer = models.load_tokenizer(self.cfg.model)
+        self.tokenizer = load_tokenizer(self.cfg.model)
         records = None if self.cfg.data == TEACHER_SAMPLES else self.records()  # bad data fails before OUT exists
         state = self.prepare_output()
         self.load_data(records if records is not None else self.records())
@@ -392,62 +392,7 @@ class HealRecipe:
                             evals=list(state.evals))
         if self.engine.is_main:
             model = self.student(state.checkpoint or None)
-            model.to(_saved_dtype(self.cfg.model))
+            model.to(saved_dtype(self.cfg.model))
             self._place_output(model, self.heal_record(result))
         self.engine.wait()
         return result
-
-    def heal_record(self, result: HealResult) -> dict:
-        return {
-            "mla_retrofit_version": __version__,
-            "teacher": self.plan.teacher,
-            "data": self.cfg.data,
-            "mask_mode": self.mask_mode,
-            "dev_split": "held out of the training documents" if self.dev_held_out else
-                         "the training documents (too few to hold some out)",
-            "dev": result.evals,
-            "phases": [asdict(p) for p in result.phases],
-            "steps": self.plan.total_steps,
-            "tokens": self.plan.total_tokens,
-            "final_losses": result.final_losses,
-            "seconds": round(result.seconds, 1),
-            "world_size": self.plan.world_size,
-            "config": self.cfg.as_dict(),
-        }
-
-    def _place_output(self, model, heal: dict) -> None:
-        """Save the healed model next to the run's files; ``conversion.json`` (the completion marker) goes last."""
-        src = Path(self.cfg.model)
-        record = json.loads((src / "conversion.json").read_text()) if (src / "conversion.json").is_file() else {}
-        record["heal"] = heal
-        tmp = self.out / f".final-{uuid.uuid4().hex[:6]}"
-        tmp.mkdir()
-        models.save_student(model, tmp, self.tokenizer, {"README.md": _model_card(src, heal)})
-        for path in sorted(tmp.iterdir()):
-            os.replace(path, self.out / path.name)
-        tmp.rmdir()
-        marker = self.out / ".conversion.json.tmp"
-        marker.write_text(json.dumps(record, indent=2))
-        os.replace(marker, self.out / "conversion.json")
-        if self.cfg.cleanup:
-            shutil.rmtree(self.ckpt_root, ignore_errors=True)
-
-
-def causal_mask(config, x: torch.Tensor, positions: torch.Tensor):
-    """The mask the student's full forward would build for an unpadded batch (None: plain causal SDPA)."""
-    fn = create_causal_mask if getattr(config, "sliding_window", None) is None else create_sliding_window_causal_mask
-    return fn(config=config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=positions)
-
-
-def _saved_dtype(model_dir: str) -> torch.dtype:
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
-
-
-def _model_card(src: Path, heal: dict) -> str:
-    card = (src / "README.md").read_text() if (src / "README.md").is_file() else f"# MLA retrofit of {src}\n"
-    phases = ", ".join(f"{p['name']} {p['steps']} steps (dev KL {p['dev_kl_before']:.4g} -> {p['dev_kl_after']:.4g}"
-                       f"{'' if p['kept'] else ', dropped'})" for p in heal["phases"] if p["dev_kl_after"] is not None)
-    return card + (f"\n## Healing\n\nHealed with mla-retrofit {heal['mla_retrofit_version']} on `{heal['data']}` "
-                   f"({heal['tokens']:,} tokens): {phases}.\n`conversion.json` key `heal` holds the settings.\n")

@@ -1,7 +1,7 @@
 """Retrofitted Multi-head Latent Attention (MLA) causal LM, in the order it runs.
 
 Shipped inside every converted checkpoint (``auto_map``): imports only torch,
-transformers and the sibling configuration file.
+transformers and its sibling files (configuration, latent cache, norm and RoPE).
 
 Per layer and token the cache holds one tensor ``[c ; k_R]`` of ``r + d_R``
 values (``c``: latent, ``k_R``: the RoPE key shared by all heads); nothing
@@ -23,67 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
+from .cache_mla import LatentCacheLayer, use_latent_layers  # noqa: F401  (LatentCacheLayer: re-exported)
 from .configuration_mla import MLARetrofitConfig
-
-
-class MLARetrofitRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
-
-
-class MLARetrofitRotaryEmbedding(nn.Module):
-    """cos/sin for the source model's full head dim; each layer gathers the frequencies it kept."""
-
-    def __init__(self, config: MLARetrofitConfig):
-        super().__init__()
-        self.config = config
-        inv_freq, self.attention_scaling = self.compute_inv_freq(config)
-        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
-
-    @staticmethod
-    def compute_inv_freq(config: MLARetrofitConfig) -> tuple[torch.Tensor, float]:
-        rope_type = config.rope_parameters.get("rope_type", "default")
-        if rope_type != "default":
-            return ROPE_INIT_FUNCTIONS[rope_type](config, None)
-        base, dim = config.rope_parameters["rope_theta"], config.head_dim
-        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), 1.0
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos() * self.attention_scaling
-        sin = emb.sin() * self.attention_scaling
-        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1 = x[..., : x.shape[-1] // 2]
-    x2 = x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split RoPE; ``cos``/``sin`` are ``[B, T, d]`` and broadcast over the head axis of ``x``."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
+from .rope_mla import MLARetrofitRMSNorm, MLARetrofitRotaryEmbedding, apply_rope, rotate_half  # noqa: F401
 
 
 def apply_mask(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -113,79 +62,6 @@ def eager_attention_forward(
     attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
     return attn_output, attn_weights
-
-
-class LatentCacheLayer(DynamicLayer):
-    """``DynamicLayer`` for the one latent tensor, written in place.
-
-    ``DynamicLayer`` grows by ``torch.cat`` and so copies the whole cache at every decode step, which costs
-    more than the attention that reads it. This layer writes new tokens into a buffer instead:
-
-    * it grows by 1/32 of its length at a time: at most ~3% head-room, and a decode step copies ~32 tokens
-      on average instead of the whole cache;
-    * under ``generate()`` growth stops at the run's length (``capacity``), so a generation that runs to its
-      length holds exactly the bytes of its tokens, and one that stops early holds at most ~3% more (the
-      buffer is never sized ahead for tokens that may not come).
-
-    ``keys`` is always a view of exactly the tokens held. When anything outside ``update`` replaces ``keys``
-    (beam reordering, batch selection, offloading) the next ``update`` adopts the new tensor; when gradients
-    flow into the cache it falls back to ``torch.cat`` (in-place writes would break autograd).
-    """
-
-    def __init__(self, capacity: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.capacity = capacity
-        self._buffer: torch.Tensor | None = None
-
-    def _owns_keys(self) -> bool:
-        buf, keys = self._buffer, self.keys
-        return (
-            buf is not None
-            and keys is not None
-            and keys.dim() == buf.dim()
-            and keys.data_ptr() == buf.data_ptr()
-            and keys.stride() == buf.stride()
-            and keys.shape[:-2] == buf.shape[:-2]
-        )
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if key_states.requires_grad or self.keys.requires_grad:
-            self._buffer = None
-            return super().update(key_states, value_states, *args, **kwargs)
-        n, t = self.get_seq_length(), key_states.shape[-2]
-        if self._owns_keys() and n + t <= self._buffer.shape[-2]:
-            self._buffer[..., n : n + t, :].copy_(key_states)
-            self.keys = self._buffer[..., : n + t, :]
-        elif n == 0:
-            self._buffer = self.keys = key_states.contiguous()
-        else:
-            size = n + t
-            capacity = size + -(-size // 32)
-            if self.capacity and self.capacity >= size:
-                capacity = min(capacity, self.capacity)
-            buf = key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1]))
-            buf[..., :n, :].copy_(self.keys)
-            buf[..., n:size, :].copy_(key_states)
-            self._buffer, self.keys = buf, buf[..., :size, :]
-        self.values = torch.cat([self.values, value_states], dim=-2)  # zero-width: no bytes move
-        return self.keys, self.values
-
-    def reset(self) -> None:
-        self._buffer = None
-        super().reset()
-
-
-def use_latent_layers(cache: Cache | None, capacity: int | None = None) -> None:
-    """Give a plain ``DynamicCache`` (what ``generate()`` and ``forward()`` make) in-place latent layers."""
-    if not isinstance(cache, DynamicCache):
-        return
-    for i, layer in enumerate(cache.layers):
-        if type(layer) is DynamicLayer and not layer.is_initialized:
-            cache.layers[i] = LatentCacheLayer(capacity)
-    if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
-        cache.layer_class_to_replicate = LatentCacheLayer
 
 
 class MLARetrofitAttention(nn.Module):

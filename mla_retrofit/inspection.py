@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import architectures
-from .bench.kv import DTYPE_BYTES
+from . import dtypes
 from .convert.allocate import resolve_budget
 from .errors import UserError
 from .sources import load_config
@@ -22,17 +22,17 @@ def parameter_count(c) -> dict:
 
 def plan(model: str, kv_ratio=None, kv_dim=None, rank=None, rope_dim=None, dtype="bf16",
          calib_samples=64, calib_seq_len=512) -> dict:
-    if dtype.lower() not in DTYPE_BYTES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}")
+    nb = dtypes.cache_bytes(dtype)
     c = load_config(model)
     spec = architectures.spec_for(c)
     h = architectures.head_dim(c)
     budget = resolve_budget(c.num_key_value_heads, h, kv_ratio, kv_dim, rank, rope_dim)
-    nb = DTYPE_BYTES[dtype.lower()]
     L = c.num_hidden_layers
     params = parameter_count(c)
     act = calib_samples * calib_seq_len * c.hidden_size * 4
-    convert_peak = 2 * params["embedding"] * 4 + params["per_layer"] * 4 * 2 + 2 * act
+    # measured at the Qwen2.5-1.5B shape (docs/benchmarks.md §2): runtime + the embedding table in bf16 +
+    # one source layer and its MLA replacement in fp32 + calibration activations in and out
+    convert_peak = 0.5e9 + params["embedding"] * 2 + params["per_layer"] * 4 * 2 + 2 * act
     heal_bytes = params["total"] * (2 + 2 + 12) + params["total"] * 2  # bf16 weights+grads, fp32 Adam+master, teacher
     return {
         "architecture": f"{c.model_type} ({spec.notes})",
@@ -54,7 +54,7 @@ def plan(model: str, kv_ratio=None, kv_dim=None, rank=None, rope_dim=None, dtype
         },
         "convert_memory_estimate_gb": round(convert_peak / 1e9, 2),
         "heal_memory_estimate_gb": round(heal_bytes / 1e9, 1),
-        "memory_notes": "convert: one layer (fp32) + embeddings + calibration activations; "
+        "memory_notes": "convert: runtime + one layer (fp32, twice) + embeddings + calibration activations, flat in depth; "
                         "heal: bf16 weights and grads, fp32 master weights and AdamW states, bf16 teacher, "
                         "activations extra (use --gradient-checkpointing)",
     }
