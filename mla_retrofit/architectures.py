@@ -7,7 +7,7 @@ tiny-model test. Code exists only for the exceptions (the Qwen3 q/k norms).
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import UserError
 
@@ -21,9 +21,7 @@ class ArchSpec:
     rotary_embedding: str
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
     layer_prefix: str = "model.layers.{i}."
-    attn_tensors: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     notes: str = ""
-    extra_attn_tensors: tuple[str, ...] = field(default_factory=tuple)
 
     def layer_class(self):
         return getattr(importlib.import_module(self.hf_module), self.decoder_layer)
@@ -56,7 +54,6 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         decoder_layer="Qwen3DecoderLayer",
         rotary_embedding="Qwen3RotaryEmbedding",
         qk_norm=True,
-        extra_attn_tensors=("q_norm", "k_norm"),
         notes="Qwen3 dense (per-head q/k RMSNorm before RoPE)",
     ),
     ArchSpec(

@@ -154,6 +154,20 @@ def _hub_download(repo_id: str) -> Path:
         ) from e
 
 
+def is_hub_id(name: str) -> bool:
+    """``owner/name`` that is not a path (the Hub is asked only for these)."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not name.endswith(".gguf")
+
+
+def recorded_source(directory: str | Path) -> str | None:
+    """The original model a converted checkpoint was made from (``source_model`` in its ``conversion.json``)."""
+    record = Path(directory) / "conversion.json"
+    try:
+        return json.loads(record.read_text()).get("source_model") if record.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
 def _locate(name: str) -> tuple[Path, str | None]:
     """(directory, gguf file name or None) for a model name."""
     if name in (EMBEDDED_DEFAULT, "default"):
@@ -170,7 +184,7 @@ def _locate(name: str) -> tuple[Path, str | None]:
         if not (path / "config.json").is_file():
             raise UserError(f"{path} has no config.json; point to a Hugging Face model directory")
         return path, None
-    if name.count("/") == 1 and not name.startswith((".", "/")):
+    if is_hub_id(name):
         return _hub_download(name), None
     raise UserError(f"model '{name}' not found: give a local directory, a .gguf file, or a Hub id like Qwen/Qwen2.5-7B")
 

@@ -26,7 +26,9 @@ Conventions: every command takes `--help`; `mla-retrofit --version`; `-q/--quiet
 take `--json`. `convert` and `heal` take `--config FILE.yaml|json` whose keys are the option names
 (flags given on the command line win; unknown keys are an error); the fully resolved settings are
 written next to every output (`conversion.json`, with a `heal` record added by `heal`; `export.json`). Exit codes: 0 success, 1 user error
-(one line on stderr saying what to fix), 2 usage error, 130 interrupted.
+(one line on stderr saying what to fix) or internal error (one line saying it is a bug; `-v` shows the
+traceback), 2 usage error, 130 interrupted. A full disk is a one-line error too; a killed or failed
+`convert` continues with `--resume`, a `heal` with `--resume`.
 
 A bare `heal` uses the last `convert` output recorded in `./.mla-retrofit/state.json`; a bare
 `bench` uses the last `heal` output, else the last `convert` output. Explicit paths always win.

@@ -418,3 +418,25 @@ def test_two_process_data_parallel_heal_on_cpu(mla_dir, tmp_path):
     record = json.loads((tmp_path / "out" / "conversion.json").read_text())["heal"]
     assert record["world_size"] == 2 and record["tokens"] == 3 * 2 * 2 * 2 * 32
     assert len(metrics_log(tmp_path / "out")) == 3
+
+
+@pytest.fixture(scope="module")
+def healed8(mla_dir, tmp_path_factory) -> Path:
+    """An uninterrupted 8-step heal: 2 + 4 + 2 steps, so phases 1 and 3 have a middle."""
+    out = tmp_path_factory.mktemp("healed8") / "out"
+    heal(config(mla_dir, out, steps=8))
+    return out
+
+
+@pytest.mark.parametrize("phase, index", [("imitate", 1), ("full", 3)])
+def test_resume_mid_phase_1_and_mid_phase_3(mla_dir, healed8, tmp_path, phase, index):
+    out = tmp_path / "out"
+    cfg = config(mla_dir, out, steps=8, save_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        heal(cfg, progress=interrupt_at(phase, 1))
+    state = read_state(latest_checkpoint(out / "checkpoints"))
+    assert (state.phase, state.step, state.phase_done) == (index, 1, False)
+    heal(replace(cfg, resume=True))
+    expected, got = weights(healed8), weights(out)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name

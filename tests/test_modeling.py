@@ -296,3 +296,32 @@ def test_sliding_window_mistral_is_exact_and_its_cache_agrees(tmp_path):
                 no_window.load_state_dict(original.state_dict())
                 assert _rel(no_window.eval()(ids).logits, ref) > 1e-3  # the window matters at this length
         assert _cached_vs_full(mla, ids[:, :12], new_tokens=20) <= 1e-5
+
+
+def test_yarn_rope_with_attention_scaling_is_exact_at_ratio_one_and_caches_below_it(tmp_path):
+    """YaRN scales cos/sin by its attention factor (!= 1 here): the MLA runtime must apply it to the kept
+    pairs exactly as the source does, at full rank and in the cached decode of a 50% conversion."""
+    from transformers import LlamaConfig
+
+    from mla_retrofit.convert.pipeline import ConvertConfig, convert
+    from tiny import tiny_config, tiny_tokenizer
+
+    base = tiny_config("llama").to_dict()
+    base["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                               "original_max_position_embeddings": 128}
+    cfg = LlamaConfig(**{k: v for k, v in base.items() if k in LlamaConfig().to_dict() or k == "rope_parameters"})
+    torch.manual_seed(0)
+    original = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    assert original.model.rotary_emb.attention_scaling > 1.05
+    original.save_pretrained(str(tmp_path / "src"))
+    tiny_tokenizer().save_pretrained(str(tmp_path / "src"))
+    ids = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(6))
+    for ratio in (1.0, 0.5):
+        out = tmp_path / f"mla{ratio}"
+        convert(ConvertConfig(model=str(tmp_path / "src"), output=str(out), kv_ratio=ratio, calib_samples=4,
+                              calib_seq_len=64, eval_samples=1, eval_seq_len=32))
+        mla = _load(out)
+        if ratio == 1.0:
+            with torch.no_grad():
+                assert _rel(mla(ids).logits, original(ids).logits) <= 1e-5
+        assert _cached_vs_full(mla, ids[:, :12]) <= 1e-5

@@ -11,9 +11,12 @@ from ..architectures import is_mla
 
 
 def cache_values_per_layer(config) -> list[int]:
-    """Values cached per token in each layer: ``r_l + d_R,l`` for MLA, ``2 * n_kv * h`` for GQA/MHA."""
+    """Values cached per token in each layer: ``r_l + d_R,l`` for MLA (native or DeepSeek), ``2 * n_kv * h`` for
+    GQA/MHA (the cache transformers' DeepSeek-V3 itself allocates is larger: it expands the latent)."""
     if is_mla(config):
-        return [r + 2 * len(f) for r, f in zip(config.kv_lora_ranks, config.rope_freq_idx)]
+        return config.cache_values_per_token()
+    if getattr(config, "kv_lora_rank", None):  # DeepSeek-V2/V3 (our export): latent + shared RoPE key
+        return [config.kv_lora_rank + config.qk_rope_head_dim] * config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return [2 * config.num_key_value_heads * head_dim] * config.num_hidden_layers
 

@@ -22,18 +22,16 @@ decode steps ran through ``torch.compile`` (CUDA graphs on a GPU).
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
 from .. import __version__, data, dtypes
 from ..architectures import is_mla
 from ..errors import UserError
-from ..sources import load_model, load_tokenizer
+from ..sources import load_model, load_tokenizer, recorded_source
 from . import fidelity as fid
 from . import kv, speed
 
@@ -112,10 +110,7 @@ def runtime(cfg: BenchConfig) -> tuple[torch.device, torch.dtype, str]:
 
 
 def default_baseline(model_dir: str) -> str | None:
-    record = Path(model_dir) / "conversion.json"
-    if record.is_file():
-        return json.loads(record.read_text()).get("source_model")
-    return None
+    return recorded_source(model_dir)
 
 
 def machine() -> dict:

@@ -45,6 +45,8 @@ class ConvertConfig:
             raise UserError("--value-fit must be 'attention' or 'token'")
         if self.propagate not in ("original", "converted"):
             raise UserError("--propagate must be 'original' or 'converted'")
+        if self.resume and self.overwrite:
+            raise UserError("--resume continues a partial run and --overwrite discards it; give one of them")
         given = [f for f, v in (("--kv-ratio", self.kv_ratio), ("--kv-dim", self.kv_dim), ("--rank", self.rank))
                  if v is not None]
         if len(given) > 1:

@@ -43,9 +43,6 @@ class RopeTable:
     def dim(self) -> int:
         return 2 * self.n_pairs
 
-    def padded_dims(self) -> int:
-        return self.dim - 2 * min(len(s) for s in self.slots)
-
 
 def check_distinct(freq_idx: list[list[int]]) -> None:
     for layer, idx in enumerate(freq_idx):

@@ -27,7 +27,7 @@ from ..checkpoint import save_mla_model
 from ..errors import UserError
 from ..modeling.configuration_mla import MLARetrofitConfig
 from ..modeling.modeling_mla import MLARetrofitForCausalLM
-from ..sources import EMBEDDED_DEFAULT, embedded_gguf_path
+from ..sources import EMBEDDED_DEFAULT, embedded_gguf_path, is_hub_id, recorded_source
 from ..sources import load_model as load_source_model
 
 
@@ -166,16 +166,13 @@ def resolve_teacher(model_dir: str, teacher: str | None) -> str:
     """The teacher's name: ``teacher`` or the ``source_model`` recorded in ``conversion.json``; must exist."""
     name = teacher
     if name is None:
-        record = Path(model_dir) / "conversion.json"
-        name = json.loads(record.read_text()).get("source_model") if record.is_file() else None
+        name = recorded_source(model_dir)
         if not name:
             raise UserError(f"{model_dir}/conversion.json names no source model; pass --teacher ORIGINAL_MODEL")
     if name in (EMBEDDED_DEFAULT, "default"):
         embedded_gguf_path()
         return name
-    path = Path(name).expanduser()
-    is_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and path.suffix != ".gguf"
-    if not path.exists() and not is_hub_id:
+    if not Path(name).expanduser().exists() and not is_hub_id(name):
         raise UserError(f"teacher model '{name}' not found; pass --teacher with the original model's directory or .gguf")
     return name
 
