@@ -32,21 +32,28 @@ def test_lossless_construction_reproduces_logits(family, tiny_src, converted):
         assert _rel(mla(ids).logits, orig(ids).logits) <= 1e-5
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_cached_greedy_decode_equals_full_forward(family, converted):
-    mla = _load(converted(family, 0.5))
-    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(2))
+def _cached_vs_full(mla, ids, new_tokens=16):
+    """Greedy-generate with the cache, then replay token by token with the cache: each step's logits against the
+    full (uncached) forward's at that position, as a relative max error; also whether the generated tokens are
+    the full forward's argmaxes."""
     with torch.no_grad():
-        gen = mla.generate(ids, max_new_tokens=16, do_sample=False, use_cache=True)
+        gen = mla.generate(ids, max_new_tokens=new_tokens, do_sample=False, use_cache=True)
         full = mla(gen, use_cache=False).logits
-        # Token by token with the cache: every step's logits equal the full forward's at that position.
         out = mla(ids, use_cache=True)
         cache, steps = out.cache, [out.logits[:, -1]]
         for t in range(ids.shape[1], gen.shape[1] - 1):
             out = mla(gen[:, t : t + 1], cache=cache, use_cache=True)
             steps.append(out.logits[:, -1])
-    assert _rel(torch.stack(steps, 1), full[:, ids.shape[1] - 1 : -1]) <= 1e-5
-    assert torch.equal(gen[:, ids.shape[1]:], full[:, ids.shape[1] - 1 : -1].argmax(-1))
+    ref = full[:, ids.shape[1] - 1 : -1]
+    return _rel(torch.stack(steps, 1), ref), torch.equal(gen[:, ids.shape[1]:], ref.argmax(-1))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_greedy_decode_equals_full_forward(family, converted):
+    mla = _load(converted(family, 0.5))
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(2))
+    rel, greedy_agrees = _cached_vs_full(mla, ids)
+    assert rel <= 1e-5 and greedy_agrees
 
 
 def _set_mode(model, mode):
@@ -254,26 +261,12 @@ def test_conversion_record_names_source(converted, tiny_src):
     assert len(rec["layers"]) == 2 and rec["kv_values_per_token"]["ratio"] == 0.5
 
 
-def _cached_vs_full(mla, ids, new_tokens=16):
-    with torch.no_grad():
-        gen = mla.generate(ids, max_new_tokens=new_tokens, do_sample=False, use_cache=True)
-        full = mla(gen, use_cache=False).logits
-        out = mla(ids, use_cache=True)
-        cache, steps = out.cache, [out.logits[:, -1]]
-        for t in range(ids.shape[1], gen.shape[1] - 1):
-            out = mla(gen[:, t : t + 1], cache=cache, use_cache=True)
-            steps.append(out.logits[:, -1])
-    return _rel(torch.stack(steps, 1), full[:, ids.shape[1] - 1 : -1])
-
-
-def test_sliding_window_mistral_is_exact_and_its_cache_agrees(tmp_path):
-    """A window of 8 tokens on sequences of 30-40: ratio 1 reproduces the original, cached decode = full."""
+def _custom_conversions(cfg, tmp_path, ratios=(1.0, 0.5), seed=0):
+    """A random model of ``cfg`` (norms not at 1) saved with the tiny tokenizer, and its conversions by ratio."""
     from mla_retrofit.convert.pipeline import ConvertConfig, convert
-    from tiny import tiny_config, tiny_tokenizer
+    from tiny import tiny_tokenizer
 
-    cfg = tiny_config("mistral")
-    cfg.sliding_window = 8
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     original = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
     with torch.no_grad():
         for name, p in original.named_parameters():
@@ -281,21 +274,32 @@ def test_sliding_window_mistral_is_exact_and_its_cache_agrees(tmp_path):
                 p.uniform_(0.5, 1.5)
     original.save_pretrained(str(tmp_path / "src"))
     tiny_tokenizer().save_pretrained(str(tmp_path / "src"))
-    ids = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(5))
-    for ratio in (1.0, 0.5):
+    converted = {}
+    for ratio in ratios:
         out = tmp_path / f"mla{ratio}"
         convert(ConvertConfig(model=str(tmp_path / "src"), output=str(out), kv_ratio=ratio, calib_samples=4,
                               calib_seq_len=64, eval_samples=1, eval_seq_len=32))
-        mla = _load(out)
+        converted[ratio] = _load(out)
+    return original, converted
+
+
+def test_sliding_window_mistral_is_exact_and_its_cache_agrees(tmp_path):
+    """A window of 8 tokens on sequences of 30-40: ratio 1 reproduces the original, cached decode = full."""
+    from tiny import tiny_config
+
+    cfg = tiny_config("mistral")
+    cfg.sliding_window = 8
+    original, converted = _custom_conversions(cfg, tmp_path)
+    ids = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = original(ids).logits
+        assert _rel(converted[1.0](ids).logits, ref) <= 1e-5
+        no_window = AutoModelForCausalLM.from_config(tiny_config("mistral"), attn_implementation="sdpa")
+        no_window.load_state_dict(original.state_dict())
+        assert _rel(no_window.eval()(ids).logits, ref) > 1e-3  # the window matters at this length
+    for mla in converted.values():
         assert mla.config.sliding_window == 8
-        if ratio == 1.0:
-            with torch.no_grad():
-                ref = original(ids).logits
-                assert _rel(mla(ids).logits, ref) <= 1e-5
-                no_window = AutoModelForCausalLM.from_config(tiny_config("mistral"), attn_implementation="sdpa")
-                no_window.load_state_dict(original.state_dict())
-                assert _rel(no_window.eval()(ids).logits, ref) > 1e-3  # the window matters at this length
-        assert _cached_vs_full(mla, ids[:, :12], new_tokens=20) <= 1e-5
+        assert _cached_vs_full(mla, ids[:, :12], new_tokens=20)[0] <= 1e-5
 
 
 def test_yarn_rope_with_attention_scaling_is_exact_at_ratio_one_and_caches_below_it(tmp_path):
@@ -303,25 +307,16 @@ def test_yarn_rope_with_attention_scaling_is_exact_at_ratio_one_and_caches_below
     pairs exactly as the source does, at full rank and in the cached decode of a 50% conversion."""
     from transformers import LlamaConfig
 
-    from mla_retrofit.convert.pipeline import ConvertConfig, convert
-    from tiny import tiny_config, tiny_tokenizer
+    from tiny import tiny_config
 
     base = tiny_config("llama").to_dict()
     base["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                "original_max_position_embeddings": 128}
     cfg = LlamaConfig(**{k: v for k, v in base.items() if k in LlamaConfig().to_dict() or k == "rope_parameters"})
-    torch.manual_seed(0)
-    original = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    original, converted = _custom_conversions(cfg, tmp_path)
     assert original.model.rotary_emb.attention_scaling > 1.05
-    original.save_pretrained(str(tmp_path / "src"))
-    tiny_tokenizer().save_pretrained(str(tmp_path / "src"))
     ids = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(6))
-    for ratio in (1.0, 0.5):
-        out = tmp_path / f"mla{ratio}"
-        convert(ConvertConfig(model=str(tmp_path / "src"), output=str(out), kv_ratio=ratio, calib_samples=4,
-                              calib_seq_len=64, eval_samples=1, eval_seq_len=32))
-        mla = _load(out)
-        if ratio == 1.0:
-            with torch.no_grad():
-                assert _rel(mla(ids).logits, original(ids).logits) <= 1e-5
-        assert _cached_vs_full(mla, ids[:, :12]) <= 1e-5
+    with torch.no_grad():
+        assert _rel(converted[1.0](ids).logits, original(ids).logits) <= 1e-5
+    for mla in converted.values():
+        assert _cached_vs_full(mla, ids[:, :12])[0] <= 1e-5
