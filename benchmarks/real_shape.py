@@ -10,7 +10,8 @@ starts from its parent's. Random weights measure memory and time, not quality.
 
     python benchmarks/real_shape.py --shape 1.5b --layers 8 16 28
     python benchmarks/real_shape.py --shape 7b --layers 28 --work /big/disk
-    python benchmarks/real_shape.py --layers 28 --compare /tmp/old-checkout --repeat 2   # before/after
+    git worktree add ../old-checkout OLD_COMMIT
+    python benchmarks/real_shape.py --layers 28 --compare ../old-checkout --repeat 2   # before/after
 
 Checkpoints are cached under ``--work`` and reused; conversions are removed
 after they are measured unless ``--keep``.
@@ -24,6 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -113,7 +115,7 @@ def convert(src: Path, out: Path, calib_samples: int, code: Path | None = None) 
               f"calib_samples={calib_samples}))")
     env = dict(os.environ)
     if code is not None:
-        env["PYTHONPATH"] = str(code)
+        env["PYTHONPATH"] = str(Path(code).resolve())
     log = out.with_name(out.name + ".log")
     t0, hwm = time.time(), 0
     with open(log, "w") as f:
@@ -139,7 +141,7 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1.5b")
     ap.add_argument("--layers", type=int, nargs="+", default=[8, 16, 28])
     ap.add_argument("--calib-samples", type=int, default=8)
-    ap.add_argument("--work", type=Path, default=Path(os.environ.get("MLA_RETROFIT_WORK", "/tmp/mla-real-shape")))
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("MLA_RETROFIT_WORK", Path(tempfile.gettempdir()) / "mla-real-shape")))
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--compare", type=Path, default=None,
                     help="another checkout's root (e.g. a git worktree of an older commit): each depth is converted "

@@ -1,11 +1,14 @@
 """The streamed GQA -> MLA conversion: calibrate, plan, allocate, factorize and write, one layer at a time.
 
 Pass A runs the calibration batch through the source model layer by layer
-(one layer's weights in memory), accumulates every layer's statistics and
-decides its RoPE pairs. The global latent budget is then spread over the
-layers. Pass B factorizes and writes each layer; with
+(one layer's weights in memory), collects each layer's statistics, decides its
+RoPE pairs, and saves both to the partial run on disk (:mod:`.partial`). The
+global latent budget is then spread over the layers from their spectra. Pass B
+reads each layer's statistics back, factorizes and writes it; with
 ``propagate="converted"`` it re-runs the calibration batch through the
 already-converted layers so later layers are fitted to what they will see.
+The output is assembled from the converted layers' files and moved into place
+when complete; a killed run resumes from its last finished layer.
 """
 
 from __future__ import annotations
@@ -181,9 +184,13 @@ class Converter:
             del layer, stats, tg, g
             self.progress("calibrate", i + 1, self.n_layers)
         del hidden
-        spectra = [work.load_a(i)["spectrum"] for i in range(self.n_layers)]
+        spectra, freq_idx = [], []
+        for i in range(self.n_layers):  # only the spectra and the kept frequencies are needed until pass B
+            saved = work.load_a(i)
+            spectra.append(saved["spectrum"])
+            freq_idx.append([t for _, t in saved["plan"].kept])
+            del saved
         ranks = self._allocate(spectra)
-        freq_idx = [[t for _, t in work.load_a(i)["plan"].kept] for i in range(self.n_layers)]
         mla_cfg = self.mla_config(ranks, freq_idx)
         mla_cfg._attn_implementation = "sdpa"
 
