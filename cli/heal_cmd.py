@@ -14,34 +14,10 @@ from typing import Optional
 
 import typer
 
-from mla_retrofit.errors import UserError
+
 
 from . import state
-from .main import _plain, app, console, info, pick, progress_bar, read_config_file, user_errors
-
-NOT_FROM_FILE = ("model", "output")
-
-
-def _config_file(path: Path | None, names: set[str]) -> dict:
-    """Every key of the ``--config`` file, checked against HealConfig's fields."""
-    out = {}
-    for key, value in (read_config_file(path) if path is not None else {}).items():
-        k = key.replace("-", "_")
-        if k not in names or k in NOT_FROM_FILE:
-            raise UserError(f"unknown key '{key}' in {path}; valid keys: {', '.join(sorted(names - set(NOT_FROM_FILE)))}")
-        out[k] = value
-    return out
-
-
-def _given(ctx: typer.Context, values: dict) -> dict:
-    """The options the user typed (the rest stay None and take HealConfig's defaults)."""
-    out = {}
-    for name, value in values.items():
-        source = ctx.get_parameter_source(name)
-        if source is not None and source.name == "COMMANDLINE":
-            out[name] = value
-    return out
-
+from .main import _plain, app, config_file_values, console, info, pick, progress_bar, typed_flags, user_errors
 
 @app.command()
 def heal(
@@ -97,8 +73,8 @@ def heal(
         out_dir = out or Path(f"{model_dir.rstrip('/')}-healed")
         names = {f.name for f in fields(HealConfig)}
         local = dict(locals())
-        given = _given(ctx, {k: local[k] for k in names - set(NOT_FROM_FILE) if k in local})
-        values = {**_config_file(config, names), **given}
+        given = typed_flags(ctx, {k: local[k] for k in names - {"model", "output"} if k in local})
+        values = {**config_file_values(config, names), **given}
         if "split" in values:
             values["split"] = parse_split(values["split"])
         cfg = HealConfig(model=model_dir, output=str(out_dir), **values)

@@ -6,7 +6,7 @@ import errno
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mla_retrofit import __version__
+from mla_retrofit.convert.config import ConvertConfig
 from mla_retrofit.errors import UserError
 
 from . import state
@@ -36,6 +37,10 @@ def _version(value: bool) -> None:
     if value:
         typer.echo(f"mla-retrofit {__version__}")
         raise typer.Exit()
+
+
+def _d(name: str) -> str:
+    return default_of(ConvertConfig, name)
 
 
 @app.callback()
@@ -110,20 +115,30 @@ def read_config_file(config: Path) -> dict:
     return loaded
 
 
-def merge_config_file(ctx: typer.Context, config: Optional[Path], values: dict) -> dict:
-    """Values from ``--config`` (YAML or JSON, keys = option names) under flags given on the command line."""
-    if config is None:
-        return values
-    loaded = read_config_file(config)
-    out = dict(values)
-    for key, val in loaded.items():
+def config_file_values(path: Optional[Path], names: set[str], not_from_file: tuple[str, ...] = ("model", "output")) -> dict:
+    """Every key of a ``--config`` file (YAML/JSON, keys = option names), checked against the config's fields."""
+    out = {}
+    for key, value in (read_config_file(path) if path is not None else {}).items():
         k = key.replace("-", "_")
-        if k not in values:
-            raise UserError(f"unknown key '{key}' in {config}; valid keys: {', '.join(sorted(values))}")
-        source = ctx.get_parameter_source(k)
-        if source is None or source.name != "COMMANDLINE":
-            out[k] = val
+        if k not in names or k in not_from_file:
+            raise UserError(f"unknown key '{key}' in {path}; valid keys: {', '.join(sorted(names - set(not_from_file)))}")
+        out[k] = value
     return out
+
+
+def typed_flags(ctx: typer.Context, values: dict) -> dict:
+    """The options the user typed on the command line; the others take the config's own defaults."""
+    out = {}
+    for name, value in values.items():
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name == "COMMANDLINE":
+            out[name] = value
+    return out
+
+
+def default_of(cls, name: str) -> str:
+    """``(default: X)`` for a help text, read from the config class (so the CLI restates no default)."""
+    return f"(default: {cls.model_fields[name].default})"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -139,24 +154,36 @@ def convert(
                                                   "with --rope-dim, default min(64, head_dim))."),
     rope_dim: Optional[int] = typer.Option(None, help="RoPE key dims kept per layer (default: all key dims at "
                                                       "--kv-ratio 1, else min(64, head_dim, half the budget))."),
-    method: str = typer.Option("mla", help="mla (ours) | rorope-pca | weight-svd (baselines)."),
-    rank_allocation: str = typer.Option("adaptive", help="adaptive | uniform."),
-    min_rank_fraction: float = typer.Option(0.25, help="Adaptive: lowest rank as a fraction of the uniform rank."),
-    calib: str = typer.Option("builtin", help="Calibration data: 'builtin', a Hub dataset id, .jsonl/.parquet/.txt."),
-    calib_samples: int = typer.Option(64, help="Calibration windows."),
-    calib_seq_len: int = typer.Option(512, help="Tokens per calibration window."),
-    batch_size: int = typer.Option(8, help="Calibration batch size."),
-    propagate: str = typer.Option("original", help="Inputs of later layers: 'original' or 'converted' layers."),
-    value_fit: str = typer.Option("attention", help="Value up-projection: fit on attention outputs or on tokens."),
-    att_samples: int = typer.Option(16, help="Calibration windows used for the attention-averaged value statistics."),
-    rope_layout: str = typer.Option("free", help="free (data-driven RoPE pairs) | deepseek (exportable table)."),
-    centre: bool = typer.Option(True, "--centre/--no-centre",
-                                help="Centre the latent on the calibration mean. --no-centre: bias-free latent, "
-                                     "so the engine export (export --engine) is exact for bias-free families."),
-    dtype: str = typer.Option("auto", help="Output dtype: auto (source's), float32, bfloat16, float16."),
-    overwrite: bool = typer.Option(False, help="Replace OUT if it exists (and discard a partial run of it)."),
-    resume: bool = typer.Option(False, help="Continue a killed conversion of OUT from its last finished layer."),
-    config: Optional[Path] = typer.Option(None, help="YAML/JSON file with these options (flags win)."),
+    method: Optional[str] = typer.Option(None, help=f"mla (ours) | rorope-pca | weight-svd (baselines). {_d('method')}"),
+    rank_allocation: Optional[str] = typer.Option(None, help=f"adaptive | uniform. {_d('rank_allocation')}"),
+    min_rank_fraction: Optional[float] = typer.Option(None, help="Adaptive: lowest rank as a fraction of the uniform "
+                                                                 f"rank. {_d('min_rank_fraction')}"),
+    calib: Optional[str] = typer.Option(None, help="Calibration data: 'builtin', a Hub dataset id, "
+                                                   f".jsonl/.parquet/.txt. {_d('calib')}"),
+    calib_samples: Optional[int] = typer.Option(None, help=f"Calibration windows. {_d('calib_samples')}"),
+    calib_seq_len: Optional[int] = typer.Option(None, help=f"Tokens per calibration window. {_d('calib_seq_len')}"),
+    batch_size: Optional[int] = typer.Option(None, help=f"Calibration batch size. {_d('batch_size')}"),
+    propagate: Optional[str] = typer.Option(None, help="Inputs of later layers: 'original' or 'converted' layers. "
+                                                       f"{_d('propagate')}"),
+    value_fit: Optional[str] = typer.Option(None, help="Value up-projection: fit on attention outputs or on tokens. "
+                                                       f"{_d('value_fit')}"),
+    att_samples: Optional[int] = typer.Option(None, help="Calibration windows used for the attention-averaged value "
+                                                         f"statistics. {_d('att_samples')}"),
+    rope_layout: Optional[str] = typer.Option(None, help="free (data-driven RoPE pairs) | deepseek (exportable "
+                                                         f"table). {_d('rope_layout')}"),
+    centre: Optional[bool] = typer.Option(None, "--centre/--no-centre",
+                                          help="Centre the latent on the calibration mean. --no-centre: bias-free "
+                                               "latent, so the engine export (export --engine) is exact for bias-free "
+                                               f"families. {_d('centre')}"),
+    dtype: Optional[str] = typer.Option(None, help=f"Output dtype: auto (source's), float32, bfloat16, float16. {_d('dtype')}"),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace OUT if it exists (and discard a partial "
+                                                                       "run of it)."),
+    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue a killed conversion of OUT from its last "
+                                                                 "finished layer."),
+    eval_samples: Optional[int] = typer.Option(None, help="Sequences each layer's reconstruction error is measured on. "
+                                                          f"{_d('eval_samples')}"),
+    eval_seq_len: Optional[int] = typer.Option(None, help=f"Their length. {_d('eval_seq_len')}"),
+    config: Optional[Path] = typer.Option(None, help="YAML/JSON file with any of these options (flags win)."),
     json_out: bool = typer.Option(False, "--json", help="Print the conversion summary as JSON."),
 ) -> None:
     """Convert a GQA model to MLA in one shot.
@@ -171,14 +198,13 @@ def convert(
 
       mla-retrofit convert model/ out/ --resume            # continue a killed run of the same command
     """
-    from mla_retrofit.convert.pipeline import ConvertConfig, Converter
+    from mla_retrofit.convert.pipeline import Converter
 
     with user_errors():
+        names = set(ConvertConfig.model_fields)
         local = dict(locals())
-        values = {f.name: local[f.name] for f in fields(ConvertConfig) if f.name in local and f.name != "model"}
-        values = merge_config_file(ctx, config, values)
-        cfg = ConvertConfig(model=model, output=str(out), **values)
-        cfg.validate()
+        given = typed_flags(ctx, {k: local[k] for k in names - {"model", "output"} if k in local})
+        cfg = ConvertConfig(model=model, output=str(out), **{**config_file_values(config, names), **given})
         t0 = time.time()
         with err_console.status(f"loading {model}"):
             conv = Converter(cfg)

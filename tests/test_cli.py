@@ -187,3 +187,26 @@ def test_a_model_that_fails_to_load_for_a_bug_keeps_its_traceback(tiny_src, monk
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", missing)
     with pytest.raises(UserError, match="cannot load model"):
         sources.load_model(str(tiny_src("llama")))
+
+
+def test_convert_flags_restate_no_default_and_every_field_comes_from_a_config_file(tiny_src, workdir):
+    """Each convert option defaults to None (ConvertConfig holds the defaults), every ConvertConfig field but
+    model/output is a flag, and fields only a config file sets reach the conversion."""
+    import inspect as pyinspect
+
+    from mla_retrofit.convert.config import ConvertConfig
+    from mla_retrofit_cli.main import convert
+
+    params = pyinspect.signature(convert).parameters
+    fields_ = set(ConvertConfig.model_fields) - {"model", "output"}
+    assert fields_ <= set(params), fields_ - set(params)
+    assert all(params[name].default.default is None for name in fields_), \
+        [n for n in fields_ if params[n].default.default is not None]
+    (workdir / "c.yaml").write_text("eval_samples: 1\natt_samples: 2\nmin_rank_fraction: 0.5\ncalib_seq_len: 48\n")
+    r = runner.invoke(app, ["-q", "convert", str(tiny_src("llama")), "o", "--calib-samples", "4", "--config", "c.yaml"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads((workdir / "o" / "conversion.json").read_text())["config"]
+    assert (rec["eval_samples"], rec["att_samples"], rec["min_rank_fraction"], rec["calib_seq_len"]) == (1, 2, 0.5, 48)
+    assert rec["batch_size"] == ConvertConfig.model_fields["batch_size"].default
+    r = runner.invoke(app, ["convert", str(tiny_src("llama")), "o2", "--kv-ratio", "0.5", "--kv-dim", "40"])
+    assert r.exit_code == 1 and "give only one of them" in r.output

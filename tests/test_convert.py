@@ -167,12 +167,12 @@ def test_propagate_converted_runs_and_is_recorded(converted):
 @pytest.mark.parametrize(
     "kw, message",
     [
-        ({"kv_ratio": 0.0}, "--kv-ratio must be in (0, 1]"),
-        ({"kv_ratio": 1.5}, "--kv-ratio must be in (0, 1]"),
+        ({"kv_ratio": 0.0}, "--kv-ratio must be greater than 0"),
+        ({"kv_ratio": 1.5}, "--kv-ratio must be less than or equal to 1"),
         ({"kv_dim": 16, "rope_dim": 16}, "leaves no room for a latent"),
         ({"rank": 200, "rope_dim": 8}, "above the maximum useful rank"),
         ({"rope_dim": 40}, "exceeds the model's 32 key dims"),
-        ({"method": "magic"}, "unknown method"),
+        ({"method": "magic"}, "--method must be 'mla', 'rorope-pca' or 'weight-svd', got 'magic'"),
     ],
 )
 def test_impossible_budgets_are_clear_errors(kw, message, tiny_src, tmp_path):

@@ -146,7 +146,7 @@ def test_free_rope_layout_refused(tmp_path):
 def test_qwen3_refused(converted, tmp_path):
     from mla_retrofit.convert.pipeline import ConvertConfig
 
-    kw = {"rope_layout": "deepseek"} if "rope_layout" in {f.name for f in fields(ConvertConfig)} else {}
+    kw = {"rope_layout": "deepseek"} if "rope_layout" in ConvertConfig.model_fields else {}
     native = converted("qwen3", 0.5, rank_allocation="uniform", **kw)
     with pytest.raises(UserError, match="Qwen3-style") as err:
         export_deepseek(str(native), str(tmp_path / "out"))
@@ -217,7 +217,7 @@ def stock(converted, tmp_path_factory):
     """Export each case, then load all exports in one fresh subprocess; ``{name: (native_dir, report, result)}``."""
     from mla_retrofit.convert.pipeline import ConvertConfig
 
-    if "rope_layout" not in {f.name for f in fields(ConvertConfig)}:
+    if "rope_layout" not in ConvertConfig.model_fields:
         pytest.skip("this checkout's convert has no rope_layout option")
     root = tmp_path_factory.mktemp("export")
     ids = _ids()

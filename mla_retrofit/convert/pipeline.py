@@ -151,7 +151,7 @@ class Converter:
         return self.source.weights.get("model.embed_tokens.weight")[ids].float()
 
     def fingerprint(self) -> dict:
-        cfg = {k: v for k, v in asdict(self.cfg).items() if k not in RESUME_FREE}
+        cfg = {k: v for k, v in self.cfg.as_dict().items() if k not in RESUME_FREE}
         return {"config": cfg, "mla_retrofit_version": __version__, "source_files": source_fingerprint(self.source)}
 
     def run(self) -> ConversionResult:

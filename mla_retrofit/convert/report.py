@@ -63,7 +63,7 @@ def conversion_record(conv, result: ConversionResult, mla_cfg) -> dict:
         "mla_retrofit_version": __version__,
         "source_model": conv.cfg.model,
         "source_model_type": conv.config.model_type,
-        "config": asdict(conv.cfg),
+        "config": conv.cfg.as_dict(),
         "budget": asdict(conv.budget),
         "kv_values_per_token": {"original": result.kv_original, "converted": result.kv_converted,
                                 "ratio": result.kv_ratio},
