@@ -10,33 +10,50 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from mla_retrofit.bench.config import BenchConfig
 from mla_retrofit.errors import UserError
 
 from . import state
-from .main import VERBOSITY, app, console, err_console, info, user_errors
+from .main import VERBOSITY, app, config_file_values, console, default_of, err_console, info, typed_flags, user_errors
+
+
+def _d(name: str) -> str:
+    return default_of(BenchConfig, name)
 
 
 @app.command()
 def bench(
+    ctx: typer.Context,
     model: Optional[str] = typer.Argument(None, help="Model to benchmark (default: the last heal, else the last convert)."),
     baseline: Optional[str] = typer.Option(None, help="Baseline (default: the conversion's source model)."),
-    kv_report: bool = typer.Option(False, "--kv-report", help="KV-cache report (analytic and measured)."),
-    fidelity: bool = typer.Option(False, "--fidelity", help="Perplexity, KL and top-1 agreement vs the baseline."),
-    speed: bool = typer.Option(False, "--speed", help="Prefill/decode speed vs the baseline."),
-    context: str = typer.Option("4k,32k,128k", help="Context lengths for the KV table."),
-    batch: str = typer.Option("1,8", help="Batch sizes for the KV table."),
-    dtype: str = typer.Option("bf16", help="Cache dtype for the KV table: bf16, fp16, fp32, fp8."),
-    memory: str = typer.Option("80GB", help="Memory for the 'what fits' rows (weights included)."),
-    text: str = typer.Option("builtin-eval", help="Fidelity text: builtin-eval, a .txt/.jsonl file or dataset id."),
-    eval_samples: int = typer.Option(16, help="Fidelity windows."),
-    eval_seq_len: int = typer.Option(512, help="Tokens per fidelity window."),
-    speed_context: str = typer.Option("4k,8k", help="Context lengths for the speed runs."),
-    speed_batch: int = typer.Option(1, help="Batch size for the speed runs."),
-    speed_cache: str = typer.Option("dynamic", help="Speed runs with: dynamic (each model's generate() default cache), static (both preallocated), compiled (static + torch.compile; CUDA graphs on GPU); comma list."),
-    decode_steps: int = typer.Option(8, help="Timed decode steps per round."),
-    device: str = typer.Option("auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N."),
-    weights_dtype: str = typer.Option("auto", help="Weights and activations: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."),
-    attn: str = typer.Option("auto", help="Attention kernels: auto (flash_attention_2 on CUDA when flash-attn is installed, else sdpa), sdpa, eager, flash_attention_2."),
+    kv_report: Optional[bool] = typer.Option(None, "--kv-report", help="KV-cache report (analytic and measured)."),
+    fidelity: Optional[bool] = typer.Option(None, "--fidelity", help="Perplexity, KL and top-1 agreement vs the baseline."),
+    speed: Optional[bool] = typer.Option(None, "--speed", help="Prefill/decode speed vs the baseline."),
+    contexts: Optional[str] = typer.Option(None, "--context", help=f"Context lengths for the KV table. {_d('contexts')}"),
+    batches: Optional[str] = typer.Option(None, "--batch", help=f"Batch sizes for the KV table. {_d('batches')}"),
+    dtype: Optional[str] = typer.Option(None, help=f"Cache dtype for the KV table: bf16, fp16, fp32, fp8. {_d('dtype')}"),
+    memory: Optional[str] = typer.Option(None, help=f"Memory for the 'what fits' rows (weights included). {_d('memory')}"),
+    text: Optional[str] = typer.Option(None, help="Fidelity text: builtin-eval, a .txt/.jsonl file or dataset id. "
+                                                  f"{_d('text')}"),
+    eval_samples: Optional[int] = typer.Option(None, help=f"Fidelity windows. {_d('eval_samples')}"),
+    eval_seq_len: Optional[int] = typer.Option(None, help=f"Tokens per fidelity window. {_d('eval_seq_len')}"),
+    speed_contexts: Optional[str] = typer.Option(None, "--speed-context", help="Context lengths for the speed runs. "
+                                                                               f"{_d('speed_contexts')}"),
+    speed_batch: Optional[int] = typer.Option(None, help=f"Batch size for the speed runs. {_d('speed_batch')}"),
+    speed_cache: Optional[str] = typer.Option(None, help="Speed runs with: dynamic (each model's generate() default "
+                                              "cache), static (both preallocated), compiled (static + torch.compile; "
+                                              f"CUDA graphs on GPU); comma list. {_d('speed_cache')}"),
+    decode_steps: Optional[int] = typer.Option(None, help=f"Timed decode steps per round. {_d('decode_steps')}"),
+    decode_rounds: Optional[int] = typer.Option(None, help=f"Timed rounds (the best is kept). {_d('decode_rounds')}"),
+    generate_tokens: Optional[int] = typer.Option(None, help="Tokens generated when the cache bytes are measured. "
+                                                             f"{_d('generate_tokens')}"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's)."),
+    device: Optional[str] = typer.Option(None, help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N."),
+    weights_dtype: Optional[str] = typer.Option(None, help="Weights and activations: auto (bfloat16 on CUDA, float32 "
+                                                           "on CPU), float32, bfloat16, float16."),
+    attn: Optional[str] = typer.Option(None, help="Attention kernels: auto (flash_attention_2 on CUDA when flash-attn "
+                                                  "is installed, else sdpa), sdpa, eager, flash_attention_2."),
+    config: Optional[Path] = typer.Option(None, help="YAML/JSON file with any of these options (flags win)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number to this JSON file."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG: cache vs context, decode tokens/s vs context."),
     lm_eval: Optional[str] = typer.Option(None, help="Comma list of lm-evaluation-harness tasks (needs lm_eval)."),
@@ -53,7 +70,7 @@ def bench(
 
       mla-retrofit bench out/ --speed --speed-context 4k,8k --plot bench.png
     """
-    from mla_retrofit.bench.run import BenchConfig, plot as make_plot, run_bench
+    from mla_retrofit.bench.run import plot as make_plot, run_bench
 
     with user_errors():
         if model is None:
@@ -63,12 +80,14 @@ def bench(
             info(f"using the last run's output: {model}")
         if lm_eval:
             _check_lm_eval()
-        none = not (kv_report or fidelity or speed)
-        cfg = BenchConfig(model=model, baseline=baseline, kv_report=kv_report or none, fidelity=fidelity or none,
-                          speed=speed or none, contexts=context, batches=batch, dtype=dtype, memory=memory, text=text,
-                          eval_samples=eval_samples, eval_seq_len=eval_seq_len, speed_contexts=speed_context,
-                          speed_batch=speed_batch, speed_cache=speed_cache, decode_steps=decode_steps,
-                          device=device, weights_dtype=weights_dtype, attn=attn)
+        names = set(BenchConfig.model_fields)
+        local = dict(locals())
+        values = {**config_file_values(config, names, ("model",)),
+                  **typed_flags(ctx, {k: local[k] for k in names - {"model"} if k in local})}
+        sections = ("kv_report", "fidelity", "speed")
+        if any(values.get(k) for k in sections):  # asking for some sections runs only those
+            values.update({k: bool(values.get(k)) for k in sections})
+        cfg = BenchConfig(model=model, **values)
         with err_console.status("benchmarking") as status:
             result = run_bench(cfg, progress=lambda s: status.update(s), command=" ".join(["mla-retrofit"] + sys.argv[1:]))
         if lm_eval:

@@ -8,7 +8,6 @@ the ``--config`` file.
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
@@ -71,7 +70,7 @@ def heal(
     with user_errors():
         model_dir = pick("convert", model, "converted model")
         out_dir = out or Path(f"{model_dir.rstrip('/')}-healed")
-        names = {f.name for f in fields(HealConfig)}
+        names = set(HealConfig.model_fields)
         local = dict(locals())
         given = typed_flags(ctx, {k: local[k] for k in names - {"model", "output"} if k in local})
         values = {**config_file_values(config, names), **given}

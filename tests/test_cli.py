@@ -189,19 +189,47 @@ def test_a_model_that_fails_to_load_for_a_bug_keeps_its_traceback(tiny_src, monk
         sources.load_model(str(tiny_src("llama")))
 
 
-def test_convert_flags_restate_no_default_and_every_field_comes_from_a_config_file(tiny_src, workdir):
-    """Each convert option defaults to None (ConvertConfig holds the defaults), every ConvertConfig field but
-    model/output is a flag, and fields only a config file sets reach the conversion."""
+@pytest.mark.parametrize("command", ["convert", "heal", "bench", "export"])
+def test_commands_restate_no_default(command):
+    """Every option that is a config field defaults to None: the typed config holds the only defaults."""
     import inspect as pyinspect
 
+    from mla_retrofit.bench.config import BenchConfig
     from mla_retrofit.convert.config import ConvertConfig
-    from mla_retrofit_cli.main import convert
+    from mla_retrofit.export.config import ExportConfig
+    from mla_retrofit.heal.config import HealConfig
+    from mla_retrofit_cli import bench_cmd, export_cmd, heal_cmd, main
 
-    params = pyinspect.signature(convert).parameters
-    fields_ = set(ConvertConfig.model_fields) - {"model", "output"}
-    assert fields_ <= set(params), fields_ - set(params)
-    assert all(params[name].default.default is None for name in fields_), \
-        [n for n in fields_ if params[n].default.default is not None]
+    fn, cls = {"convert": (main.convert, ConvertConfig), "heal": (heal_cmd.heal, HealConfig),
+               "bench": (bench_cmd.bench, BenchConfig), "export": (export_cmd.export, ExportConfig)}[command]
+    params = pyinspect.signature(fn).parameters
+    shared = [n for n in cls.model_fields if n in params and n not in ("model", "output")]
+    assert len(shared) >= 8
+    assert [n for n in shared if params[n].default.default is not None] == []
+    if command in ("convert", "export"):  # every field is a flag too
+        assert set(cls.model_fields) - {"model", "output"} <= set(params)
+
+
+@pytest.mark.parametrize("cls, base", [("ConvertConfig", dict(model="m", output="o")), ("HealConfig", dict(model="m", output="o")),
+                                       ("BenchConfig", dict(model="m")), ("ExportConfig", dict(model="m", output="o"))])
+def test_every_config_refuses_unknown_keys_and_wrong_types_in_one_line(cls, base):
+    import importlib
+
+    from mla_retrofit.errors import UserError
+
+    module = {"ConvertConfig": "convert", "HealConfig": "heal", "BenchConfig": "bench", "ExportConfig": "export"}[cls]
+    klass = getattr(importlib.import_module(f"mla_retrofit.{module}.config"), cls)
+    with pytest.raises(UserError, match="unknown setting 'colour'"):
+        klass(**base, colour="blue")
+    field = next(n for n, f in klass.model_fields.items() if f.annotation is int)
+    with pytest.raises(UserError, match=f"--{field.replace('_', '-')} must be a valid integer"):
+        klass(**base, **{field: "many"})
+
+
+def test_convert_config_file_reaches_fields_no_flag_is_typed_for(tiny_src, workdir):
+    """Fields only a config file sets reach the conversion; the rest keep ConvertConfig's defaults."""
+    from mla_retrofit.convert.config import ConvertConfig
+
     (workdir / "c.yaml").write_text("eval_samples: 1\natt_samples: 2\nmin_rank_fraction: 0.5\ncalib_seq_len: 48\n")
     r = runner.invoke(app, ["-q", "convert", str(tiny_src("llama")), "o", "--calib-samples", "4", "--config", "c.yaml"])
     assert r.exit_code == 0, r.output

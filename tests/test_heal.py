@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -204,7 +203,7 @@ def test_interrupt_and_resume_equals_uninterrupted(mla_dir, healed, tmp_path, en
     assert (state.phase, state.step, state.phase_done) == (2, 1, False)
     assert (ckpt / "optimizer.pt").is_file() and not (out / "conversion.json").exists()
     assert len(metrics_log(out)) == (2 if stop is KeyboardInterrupt else 3)
-    result = heal(replace(cfg, resume=True))
+    result = heal(cfg.model_copy(update=dict(resume=True)))
     assert result.resumed and [p.steps for p in result.phases] == [1, 2, 1]
     expected, got = weights(healed), weights(out)
     for name in expected:
@@ -242,7 +241,7 @@ def test_resume_with_other_settings_is_refused(mla_dir, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         heal(cfg, progress=interrupt_at("imitate", 1))
     with pytest.raises(UserError, match="lr"):
-        heal(replace(cfg, resume=True, lr=5e-4))
+        heal(cfg.model_copy(update=dict(resume=True, lr=5e-4)))
     with pytest.raises(UserError, match="--resume"):
         heal(cfg)
 
@@ -436,7 +435,7 @@ def test_resume_mid_phase_1_and_mid_phase_3(mla_dir, healed8, tmp_path, phase, i
         heal(cfg, progress=interrupt_at(phase, 1))
     state = read_state(latest_checkpoint(out / "checkpoints"))
     assert (state.phase, state.step, state.phase_done) == (index, 1, False)
-    heal(replace(cfg, resume=True))
+    heal(cfg.model_copy(update=dict(resume=True)))
     expected, got = weights(healed8), weights(out)
     for name in expected:
         assert torch.equal(expected[name], got[name]), name

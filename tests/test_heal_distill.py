@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -193,7 +192,7 @@ def test_a_heal_killed_during_rotation_resumes_from_the_last_good_checkpoint(set
     monkeypatch.setattr(heal_state, "_rotate", real)
     latest = latest_checkpoint(tmp_path / "out" / "checkpoints")
     assert latest.name == calls[-1]
-    heal(replace(cfg, resume=True))
+    heal(cfg.model_copy(update=dict(resume=True)))
     ref, got = student_weights(tmp_path / "ref"), student_weights(tmp_path / "out")
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
@@ -208,10 +207,10 @@ def test_resume_with_an_unreadable_checkpoint_is_an_error_not_a_restart(setup, t
     assert read_state(latest).phase == 2
     (latest / "weights.pt").write_bytes(b"truncated")
     with pytest.raises(UserError, match="cannot be read"):
-        heal(replace(cfg, resume=True))
+        heal(cfg.model_copy(update=dict(resume=True)))
     (latest / "state.json").unlink()
     with pytest.raises(UserError, match="cannot resume"):
-        heal(replace(cfg, resume=True))
+        heal(cfg.model_copy(update=dict(resume=True)))
 
 
 # -- a DeepSeek-V3 student ---------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import platform
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
@@ -32,69 +32,11 @@ from .. import __version__, data, dtypes
 from ..architectures import is_mla
 from ..errors import UserError
 from ..sources import load_model, load_tokenizer, recorded_source
+from .config import BenchConfig, flash_attn_available  # noqa: F401  (BenchConfig is imported from here too)
 from . import fidelity as fid
 from . import kv, speed
 
 SCHEMA_VERSION = 1
-
-
-@dataclass
-class BenchConfig:
-    model: str
-    baseline: str | None = None
-    kv_report: bool = True
-    fidelity: bool = True
-    speed: bool = True
-    contexts: str = "4k,32k,128k"
-    batches: str = "1,8"
-    dtype: str = "bf16"
-    memory: str = "80GB"
-    text: str = "builtin-eval"
-    eval_samples: int = 16
-    eval_seq_len: int = 512
-    speed_contexts: str = "4k,8k"
-    speed_batch: int = 1
-    speed_cache: str = "dynamic"
-    decode_steps: int = 8
-    decode_rounds: int = 3
-    generate_tokens: int = 16
-    threads: int | None = None
-    device: str = "auto"  # auto: cuda when available, else cpu
-    weights_dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
-    attn: str = "auto"  # auto: flash_attention_2 on cuda when flash-attn is installed, else sdpa
-
-    def validate(self) -> None:
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise UserError(f"--device must be auto, cpu or cuda[:N] (got {self.device})")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {self.device}: no CUDA device is visible here; use --device cpu")
-        self.weights_dtype = dtypes.canonical(self.weights_dtype, "--weights-dtype", auto=True)
-        if self.attn not in ("auto", "sdpa", "eager", "flash_attention_2"):
-            raise UserError(f"--attn must be auto, sdpa, eager or flash_attention_2 (got {self.attn})")
-        if self.attn == "flash_attention_2" and not flash_attn_available():
-            raise UserError("--attn flash_attention_2 needs flash-attn: pip install 'mla-retrofit[flash]' (CUDA only)")
-        dtypes.cache_bytes(self.dtype)
-        for name in ("contexts", "batches", "speed_contexts"):
-            try:
-                kv.parse_tokens(getattr(self, name))
-            except ValueError as e:
-                raise UserError(f"--{name.replace('_', '-')} must be a comma list like 4k,32k ({e})") from e
-        bad = [c for c in self.speed_cache.split(",") if c.strip() not in speed.SPEED_MODES]
-        if bad:
-            raise UserError(f"--speed-cache must be a comma list of {', '.join(speed.SPEED_MODES)} "
-                            f"(got {', '.join(bad)})")
-        try:
-            kv.parse_size(self.memory)
-        except ValueError as e:
-            raise UserError(f"--memory must look like 80GB or 24GiB ({e})") from e
-
-
-
-
-def flash_attn_available() -> bool:
-    import importlib.util
-
-    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
 def runtime(cfg: BenchConfig) -> tuple[torch.device, torch.dtype, str]:
@@ -165,7 +107,6 @@ def kv_report(cfg: BenchConfig, model, baseline, tokenizer) -> dict:
 
 def run_bench(cfg: BenchConfig, progress=None, command: str | None = None) -> dict:
     """Run the requested sections; ``progress(stage: str)`` is called before each."""
-    cfg.validate()
     say = progress or (lambda *_: None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -176,7 +117,7 @@ def run_bench(cfg: BenchConfig, progress=None, command: str | None = None) -> di
     baseline = load_model(baseline_name, dtype, attn).to(device) if baseline_name else None
     tokenizer = load_tokenizer(cfg.model)
     result: dict = {"schema": SCHEMA_VERSION, "model": cfg.model, "baseline": baseline_name,
-                    "command": command or " ".join(sys.argv), "machine": machine(), "config": asdict(cfg),
+                    "command": command or " ".join(sys.argv), "machine": machine(), "config": cfg.as_dict(),
                     "runtime": {"device": str(device), "weights_dtype": str(dtype).removeprefix("torch."),
                                 "attn_implementation": attn}}
     if cfg.kv_report:

@@ -273,7 +273,7 @@ class DeepseekExporter:
             "mla_retrofit_version": __version__,
             "source": str(self.src),
             "source_model": self.native.source_model,
-            "settings": asdict(self.cfg),
+            "settings": self.cfg.as_dict(),
             "dtype": str(self.dtype).replace("torch.", ""),
             "report": asdict(report),
             "rope": {"step": self.table.step, "slots": self.table.slots,

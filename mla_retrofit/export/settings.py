@@ -13,40 +13,15 @@ from .. import dtypes
 from ..architectures import is_mla
 from ..errors import UserError
 from ..modeling.configuration_mla import MLARetrofitConfig
+from .config import ExportConfig  # noqa: F401  (imported from here too)
 
 FLASHMLA_RANK, FLASHMLA_ROPE = 512, 64
-DTYPES = ("auto", "float32", "bfloat16")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
     "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
 )
 MLP_AND_NORMS = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
                  "input_layernorm.weight", "post_attention_layernorm.weight")
-
-
-@dataclass
-class ExportConfig:
-    model: str  # native MLA checkpoint directory
-    output: str
-    pad_ranks: bool = False  # zero-pad per-layer latent ranks to the largest
-    flashmla: bool = False  # kv_lora_rank 512 + qk_rope_head_dim 64 (FlashMLA decode kernels)
-    pad_rope: bool = False  # allow empty RoPE table slots (other layers' frequencies, or gaps)
-    engine: bool = False  # the form engines run: no biases, linear-regime latent norm, eps 1e-6 everywhere
-    biases: bool = True  # legacy spelling: biases=False is engine=True
-    rope_interleave: bool = True  # vLLM/SGLang always rotate interleaved pairs
-    dtype: str = "auto"
-    verify_tokens: int = 64
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        self.engine = self.engine or not self.biases
-        self.biases = not self.engine
-
-    def validate(self) -> None:
-        if self.dtype not in DTYPES:
-            raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
-        if self.verify_tokens < 0:
-            raise UserError("verify_tokens must be >= 0")
 
 
 @dataclass

@@ -7,10 +7,11 @@ that the recipe runs and writes next to its output.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from pydantic import model_validator
 
 from ..data import SMOLTALK, TEACHER_SAMPLES
 from ..errors import UserError
+from ..typed import Config
 
 PHASES = ("imitate", "mla-only", "full")  # the three healing phases, in order
 
@@ -42,8 +43,7 @@ FILLED = ("loss_chunk", "data", "seq_len", "batch_size", "grad_accum", "lr", "fu
           "gradient_checkpointing", "full_ce_weight", "samples")
 
 
-@dataclass
-class HealConfig:
+class HealConfig(Config):
     model: str  # a converted MLA checkpoint directory
     output: str
     teacher: str | None = None  # None: conversion.json's source_model
@@ -86,6 +86,11 @@ class HealConfig:
     engine: str = "auto"  # auto | accelerate | torch
     cleanup: bool = True  # remove OUT/checkpoints once the healed model is written
 
+    @model_validator(mode="after")
+    def _checked(self):
+        self.validate()
+        return self
+
     def resolved(self) -> HealConfig:
         """A copy with every ``None`` default filled from the preset, then :data:`BASE`."""
         self.validate()
@@ -97,10 +102,9 @@ class HealConfig:
         if self.tokens is None and self.steps is None:
             values["tokens"] = preset.get("tokens")
             values["steps"] = preset.get("steps", BASE["steps"] if "tokens" not in preset else None)
-        out = replace(self, split=tuple(float(s) for s in self.split), **values)
+        out = HealConfig(**{**self.model_dump(), **values})
         if out.sample_tokens is None:
-            out = replace(out, sample_tokens=out.seq_len)
-        out.validate()
+            out = HealConfig(**{**out.model_dump(), "sample_tokens": out.seq_len})
         return out
 
     def validate(self) -> None:
@@ -135,7 +139,7 @@ class HealConfig:
             raise UserError("the output directory must differ from the converted model directory")
 
     def as_dict(self) -> dict:
-        d = asdict(self)
+        d = self.model_dump()
         d["split"] = list(self.split)
         return d
 
