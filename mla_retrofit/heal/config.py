@@ -37,7 +37,7 @@ PRESETS: dict[str, dict] = {
 }
 
 #: Fields that may change between an interrupted run and its resumption.
-RESUME_FREE = ("resume", "overwrite", "dry_run", "save_every", "log_every", "keep_checkpoints", "engine", "cleanup",
+RESUME_FREE = ("resume", "overwrite", "dry_run", "save_every", "log_every", "keep_checkpoints", "cleanup",
                "eval_every")
 FILLED = ("loss_chunk", "data", "seq_len", "batch_size", "grad_accum", "lr", "full_lr_scale", "warmup_fraction", "save_every",
           "gradient_checkpointing", "full_ce_weight", "samples")
@@ -83,7 +83,6 @@ class HealConfig(Config):
     dry_run: bool = False
     seed: int = 0
     overwrite: bool = False
-    engine: str = "auto"  # auto | accelerate | torch
     cleanup: bool = True  # remove OUT/checkpoints once the healed model is written
 
     @model_validator(mode="after")
@@ -133,8 +132,6 @@ class HealConfig(Config):
             raise UserError(f"--sample-top-p must be in (0, 1], got {self.sample_top_p}")
         if self.save_every is not None and self.save_every < 0:
             raise UserError(f"--save-every must be >= 0, got {self.save_every}")
-        if self.engine not in ("auto", "accelerate", "torch"):
-            raise UserError(f"engine must be auto, accelerate or torch, got '{self.engine}'")
         if self.model.rstrip("/") == self.output.rstrip("/"):
             raise UserError("the output directory must differ from the converted model directory")
 

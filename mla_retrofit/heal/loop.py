@@ -164,7 +164,11 @@ class PhaseRun:
 
 
 def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
-    """Linear warmup over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    """Linear warmup over ``warmup`` steps, then cosine decay to 0 at ``total``.
+
+    Not transformers' ``get_cosine_schedule_with_warmup``: its warm-up starts at 0, so the first optimizer step
+    of every phase (the whole warm-up when it is one step) would train with learning rate 0.
+    """
 
     def f(step: int) -> float:
         if step < warmup:

@@ -95,7 +95,7 @@ class HealRecipe(OutputMixin):
         if self.cfg.dry_run:
             plan = self.make_plan(int(os.environ.get("WORLD_SIZE", "1")))
             return HealResult(output=str(self.out), plan=plan, dry_run=True)
-        self.engine = make_engine(self.cfg.engine)
+        self.engine = make_engine()
         self.plan = self.make_plan(self.engine.num_processes)
         done = self.finished_result()
         if done is not None:
@@ -260,6 +260,8 @@ class HealRecipe(OutputMixin):
         return student
 
     def loader(self, phase: PhasePlan, start_step: int) -> DataLoader:
+        """The phase's windows from ``start_step`` on: a resumed run slices the packed tensor at its offset
+        (what ``accelerate.skip_first_batches`` would reach by iterating the skipped batches)."""
         per_step = self.plan.batch_size * self.plan.grad_accum * self.plan.world_size
         first = phase.first_sequence + start_step * per_step
         end = phase.first_sequence + phase.sequences
