@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import warnings
 from pathlib import Path
 
@@ -104,21 +103,33 @@ def read_records(spec: str, split: str = "train", config: str | None = None, max
     if path.suffix in (".jsonl", ".json", ".parquet"):
         if not path.is_file():
             raise UserError(f"data file {path} does not exist")
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path).to_pylist()
-        text = path.read_text(encoding="utf-8")
-        try:
-            if path.suffix == ".json":
-                rows = json.loads(text)
-                return rows if isinstance(rows, list) else rows.get("data", [rows])
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} is not valid JSON/JSONL ({e})") from e
+        if path.stat().st_size == 0:
+            return []
+        return _local_records(path)
     if path.exists():
         raise UserError(f"{path}: unsupported data file type; use .jsonl, .json, .parquet or .txt")
     return _hub_records(spec, split, config, max_rows, seed)
+
+
+def _local_records(path: Path) -> list[dict]:
+    """Rows of a local JSON/JSONL/Parquet file, read by ``datasets`` (a JSON file may hold a list, or a mapping
+    with the list under ``data``)."""
+    import datasets
+
+    builder = "parquet" if path.suffix == ".parquet" else "json"
+    kwargs = {"field": "data"} if path.suffix == ".json" and _json_has_data_field(path) else {}
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as e:  # datasets wraps the parser's error in its own types
+        raise UserError(f"{path} is not valid {'Parquet' if builder == 'parquet' else 'JSON/JSONL'} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    return ds.to_list()
+
+
+def _json_has_data_field(path: Path) -> bool:
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    return head.startswith("{") and '"data"' in head
 
 
 def _hub_records(dataset_id: str, split: str, config: str | None, max_rows: int, seed: int) -> list[dict]:
