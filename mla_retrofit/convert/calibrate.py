@@ -132,7 +132,7 @@ def attention_probs(q, k, cos, sin, group: int, sliding_window: int | None = Non
     c, sn = cos.float(), sin.float()
     qr, kr = rope_rotate(qi, c, sn), rope_rotate(ki, c, sn).repeat_interleave(group, dim=0)
     scores = qr @ kr.transpose(-1, -2) * h**-0.5
-    mask = torch.ones(s, s, dtype=torch.bool).tril()
+    mask = torch.ones(s, s, dtype=torch.bool).tril()  # one unbatched sequence in float64 maths, not a model forward
     if sliding_window is not None:
         mask &= ~torch.ones(s, s, dtype=torch.bool).tril(-sliding_window)
     return F.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)

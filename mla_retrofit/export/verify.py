@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from ..masks import causal_mask
 from ..metrics import kl_per_token, top1_agreement
 from ..modeling.configuration_mla import MLARetrofitConfig
 from ..modeling.modeling_mla import MLARetrofitDecoderLayer, MLARetrofitRMSNorm, MLARetrofitRotaryEmbedding
-
-
-def causal_mask(t: int) -> torch.Tensor:
-    mask = torch.full((t, t), torch.finfo(torch.float32).min).triu(1)
-    return mask[None, None]
 
 
 class StreamCheck:
@@ -35,7 +31,7 @@ class StreamCheck:
         self.native_h, self.ds_h = x.clone(), x * resid_scale  # the export may scale its residual stream
         pos = torch.arange(ids.shape[1]).unsqueeze(0)
         self.pos = pos
-        self.mask = causal_mask(ids.shape[1])
+        self.mask = causal_mask(native_cfg, x, pos)
         self.native_pe = MLARetrofitRotaryEmbedding(native_cfg)(x, pos)
         self.ds_pe = DeepseekV3RotaryEmbedding(ds_cfg)(x, pos)
 

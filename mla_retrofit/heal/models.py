@@ -18,11 +18,11 @@ import json
 from pathlib import Path
 
 import torch
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..architectures import is_mla
+from ..masks import causal_mask  # noqa: F401  (used by the recipe and the tests)
 from ..checkpoint import save_mla_model
 from ..errors import UserError
 from ..modeling.configuration_mla import MLARetrofitConfig
@@ -259,9 +259,3 @@ class HiddenTap:
 
     def __exit__(self, *exc) -> None:
         self.handle.remove()
-
-
-def causal_mask(config, x: torch.Tensor, positions: torch.Tensor):
-    """The mask the student's full forward would build for an unpadded batch (None: plain causal SDPA)."""
-    fn = create_causal_mask if getattr(config, "sliding_window", None) is None else create_sliding_window_causal_mask
-    return fn(config=config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=positions)
