@@ -88,13 +88,13 @@ def largest_fit(config, memory_bytes: int, weights: int, dtype_bytes: int, conte
 
 
 def parse_size(text: str) -> int:
-    """``80GB`` / ``24GiB`` / ``512MB`` -> bytes (GB = 10^9, GiB = 2^30)."""
-    t = text.strip().upper().replace(" ", "")
-    units = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
-    for u, mult in units.items():
-        if t.endswith(u):
-            return int(float(t[: -len(u)]) * mult)
-    return int(float(t))
+    """``80GB`` / ``24GiB`` / ``1.5GB`` -> bytes (GB = 10^9, GiB = 2^30; ``Gb`` is gigabits), by accelerate's parser."""
+    from accelerate.utils import convert_file_size_to_int
+
+    size = convert_file_size_to_int(text.strip().replace(" ", ""))
+    if size < 0:
+        raise ValueError(f"'{text}' has no unit")
+    return size
 
 
 def parse_tokens(text: str) -> list[int]:
