@@ -191,6 +191,7 @@ def test_kv_dim_and_rank_budgets_give_their_cache_size(kw, per_layer, rope, tiny
     convert(ConvertConfig(model=str(tiny_src("llama")), output=str(out), calib_samples=4, calib_seq_len=64, **kw))
     rec = json.loads((out / "conversion.json").read_text())
     assert sum(rec["cache_values_per_layer"]) == 2 * per_layer and rec["budget"]["rope_dim"] == rope
+    assert rec["budget"]["per_layer"] == per_layer and rec["kv_values_per_token"]["converted"] == 2 * per_layer
     if "rank" in kw:
         assert [r["rank"] for r in rec["layers"]] == [kw["rank"]] * 2
 
