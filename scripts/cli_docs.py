@@ -23,8 +23,10 @@ Generated from `--help` by `python scripts/cli_docs.py`.
 
 Conventions: every command takes `--help`; `mla-retrofit --version`; `-q/--quiet` and
 `-v/--verbose` go before the command (`mla-retrofit -q convert ...`). Commands that report numbers
-take `--json`. `convert` and `heal` take `--config FILE.yaml|json` whose keys are the option names
-(flags given on the command line win; unknown keys are an error); the fully resolved settings are
+take `--json`. `convert`, `heal`, `bench` and `export` take `--config FILE.yaml|json` whose keys are the
+fields of the command's typed config (`ConvertConfig`, `HealConfig`, `BenchConfig`, `ExportConfig`: every
+field, also those without a flag; flags given on the command line win; an unknown key or a wrong type is a
+one-line error). Options left out take the config's own defaults, shown in `--help`; the fully resolved settings are
 written next to every output (`conversion.json`, with a `heal` record added by `heal`; `export.json`). Exit codes: 0 success, 1 user error
 (one line on stderr saying what to fix) or internal error (one line saying it is a bug; `-v` shows the
 traceback), 2 usage error, 130 interrupted. A full disk is a one-line error too; a killed or failed
