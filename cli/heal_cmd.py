@@ -16,7 +16,13 @@ import typer
 
 
 from . import state
-from .main import _plain, app, config_file_values, console, info, pick, progress_bar, typed_flags, user_errors
+from mla_retrofit.heal.config import BASE, PRESETS, HealConfig
+
+from .main import _plain, app, config_file_values, console, default_of, info, pick, progress_bar, typed_flags, user_errors
+
+def _d(name: str) -> str:
+    return default_of(HealConfig, name)
+
 
 @app.command()
 def heal(
@@ -36,9 +42,11 @@ def heal(
     batch_size: Optional[int] = typer.Option(None, help="Windows per micro-batch."),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate of phases 1 and 2."),
-    distill: Optional[float] = typer.Option(None, help="Phases 2-3: weight of KL(teacher || student) [1.0]."),
-    ce_weight: Optional[float] = typer.Option(None, help="Phase 2: weight of next-token loss [0]."),
-    full_ce_weight: Optional[float] = typer.Option(None, help="Phase 3: weight of next-token loss [0; gpu-7b 0.1]."),
+    distill: Optional[float] = typer.Option(None, help=f"Phases 2-3: weight of KL(teacher || student). {_d('distill')}"),
+    ce_weight: Optional[float] = typer.Option(None, help=f"Phase 2: weight of next-token loss. {_d('ce_weight')}"),
+    full_ce_weight: Optional[float] = typer.Option(None, help="Phase 3: weight of next-token loss (default: "
+                                                   f"{BASE['full_ce_weight']}; gpu-7b preset: "
+                                                   f"{PRESETS['gpu-7b']['full_ce_weight']})."),
     refit: Optional[bool] = typer.Option(None, "--refit/--no-refit", help="Closed-form o_proj refit toward the "
                                          "teacher before phase 1 (gated like a phase)."),
     eval_every: Optional[int] = typer.Option(None, help="Also score the dev split every N steps [only phase ends]."),
@@ -49,7 +57,7 @@ def heal(
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
                                                           help="Trade compute for memory (default: the preset's)."),
     dry_run: Optional[bool] = typer.Option(None, "--dry-run", help="Print the plan and exit."),
-    seed: Optional[int] = typer.Option(None, help="Random seed [0]."),
+    seed: Optional[int] = typer.Option(None, help=f"Random seed. {_d('seed')}"),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace OUT if it exists."),
     config: Optional[Path] = typer.Option(None, help="YAML/JSON file with any HealConfig field (flags win)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -64,7 +72,7 @@ def heal(
 
       mla-retrofit heal engine-export/ healed/ --teacher ORIGINAL --preset cpu-demo
     """
-    from mla_retrofit.heal import HealConfig, heal as run_heal
+    from mla_retrofit.heal import heal as run_heal
     from mla_retrofit.heal.config import parse_split
 
     with user_errors():
