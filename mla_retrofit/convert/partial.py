@@ -52,10 +52,13 @@ class PartialRun:
             old = self._fingerprint()
             if discard:
                 shutil.rmtree(self.dir)
+            elif not resume and old == fingerprint:
+                raise UserError(f"a partial conversion of these settings exists in {self.dir} ({self.describe()}); add "
+                                "--resume to continue it, or --overwrite to discard it and start over")
             elif not resume:
-                what = "of these settings" if old == fingerprint else "with other settings"
-                raise UserError(f"a partial conversion {what} exists in {self.dir} ({self.describe()}); add --resume to "
-                                "continue it, or --overwrite to discard it and start over")
+                raise UserError(f"a partial conversion with other settings ({_diff(old, fingerprint)}) exists in "
+                                f"{self.dir} ({self.describe()}); rerun with its settings and --resume, or add "
+                                "--overwrite to discard it")
             elif old != fingerprint:
                 raise UserError(f"--resume: the partial conversion in {self.dir} was made with other settings "
                                 f"({_diff(old, fingerprint)}); rerun with those, or use --overwrite to start over")
