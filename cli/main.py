@@ -176,8 +176,8 @@ def convert(
                                                "latent, so the engine export (export --engine) is exact for bias-free "
                                                f"families. {_d('centre')}"),
     dtype: Optional[str] = typer.Option(None, help=f"Output dtype: auto (source's), float32, bfloat16, float16. {_d('dtype')}"),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace OUT if it exists (and discard a partial "
-                                                                       "run of it)."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace OUT if it exists (without --resume: "
+                                                                       "also discard a partial run of it)."),
     resume: Optional[bool] = typer.Option(None, "--resume", help="Continue a killed conversion of OUT from its last "
                                                                  "finished layer."),
     eval_samples: Optional[int] = typer.Option(None, help="Sequences each layer's reconstruction error is measured on. "

@@ -248,9 +248,9 @@ def atomic_dir(out: Path, overwrite: bool = False):
     result is then kept beside it (``OUT.conflict-*``) and the error says so.
     """
     out = Path(out)
-    check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
+    check_output(out, overwrite)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:

@@ -119,3 +119,18 @@ def test_a_model_larger_than_one_shard_links_its_layer_files_as_shards(src3, ref
         assert f.raw(name) == one.raw(name) and f.entries[name]["shape"] == one.entries[name]["shape"], name
     assert index["metadata"]["total_size"] == sum(len(one.raw(k)) for k in one.keys())
     load_model(str(out))  # the shards and index load
+
+
+def test_killed_inside_the_output_swap_keeps_the_old_output_and_resumes(src3, reference, tmp_path):
+    """--overwrite over an existing OUT, killed after the old OUT moved aside and before the new one moved in:
+    the next run puts the old OUT back, and --resume --overwrite finishes with the uninterrupted bytes."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old-result").write_text("previous conversion")
+    assert run_killed(src3, out, "atomic.swap:1", overwrite=True) == -9
+    assert not out.exists() and list(tmp_path.glob(".out.old-*"))  # the old output is aside, not lost
+    convert(ConvertConfig(model=str(src3), output=str(out), resume=True, overwrite=True, **FAST))
+    assert outputs(out) == outputs(reference("original")) and not (out / "old-result").exists()
+    assert not list(tmp_path.glob(".out.*"))
+    notes = __import__("json").loads((out / "conversion.json").read_text())["notes"]
+    assert any(n.startswith("resumed (3/3 layers calibrated, 3/3 converted)") for n in notes), notes

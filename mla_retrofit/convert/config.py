@@ -50,8 +50,6 @@ class ConvertConfig(Config):
 
     def validate(self) -> None:
         """The checks across fields (the single-field ones are the types and bounds above)."""
-        if self.resume and self.overwrite:
-            raise UserError("--resume continues a partial run and --overwrite discards it; give one of them")
         given = [f for f, v in (("--kv-ratio", self.kv_ratio), ("--kv-dim", self.kv_dim), ("--rank", self.rank))
                  if v is not None]
         if len(given) > 1:

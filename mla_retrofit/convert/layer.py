@@ -9,7 +9,6 @@ import torch
 from . import factorize, rope
 from .calibrate import LayerStats
 
-from .config import METHODS  # noqa: F401
 ALPHAS = (0.1, 0.3, 1.0, 3.0, 10.0)
 
 

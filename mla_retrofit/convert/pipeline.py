@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from .. import __version__, architectures, data, dtypes, faults
-from ..checkpoint import AUTO_MAP, ShardWriter, atomic_dir, check_output, write_modeling_code
+from ..checkpoint import AUTO_MAP, ShardWriter, atomic_dir, check_output, clean_stale, write_modeling_code
 from ..errors import UserError
 from ..modeling.configuration_mla import MLARetrofitConfig
 from ..modeling.modeling_mla import MLARetrofitDecoderLayer, MLARetrofitRotaryEmbedding
@@ -159,8 +159,10 @@ class Converter:
         self.notes: list[str] = []
         cfg = self.cfg
         out_dir = Path(cfg.output)
+        clean_stale(out_dir)  # first, so a run killed inside the output swap gets its old output back
         check_output(out_dir, cfg.overwrite)
-        work = PartialRun(out_dir, self.fingerprint(), self.n_layers, resume=cfg.resume, discard=cfg.overwrite)
+        work = PartialRun(out_dir, self.fingerprint(), self.n_layers, resume=cfg.resume,
+                          discard=cfg.overwrite and not cfg.resume)
         self.notes += work.notes
         ids = self._windows()
         cos, sin = self._rope(ids.shape[1])
@@ -172,6 +174,7 @@ class Converter:
         if start < self.n_layers:
             hidden = self._embed(ids) if hidden is None else hidden
         self.progress("calibrate", start, self.n_layers)
+        kept: dict[int, tuple] = {}  # layer -> (spectrum, kept frequencies): all allocation needs
         for i in range(start, self.n_layers):
             layer = self._layer(i)
             stats = LayerStats(self.n_kv, self.head_dim)
@@ -180,16 +183,17 @@ class Converter:
             tg = targets(stats, plan)
             g = metric(stats, plan, tg, AttnWeights.of(layer.self_attn), self.n_heads, 1.0) if cfg.method == "mla" else None
             stats.samples.clear()
-            work.save_a(i, stats, plan, factorize.weighted_spectrum(tg.cov, g)[0], hidden)
+            spectrum = factorize.weighted_spectrum(tg.cov, g)[0]
+            work.save_a(i, stats, plan, spectrum, hidden)
+            kept[i] = (spectrum, [t for _, t in plan.kept])
             del layer, stats, tg, g
             self.progress("calibrate", i + 1, self.n_layers)
         del hidden
-        spectra, freq_idx = [], []
-        for i in range(self.n_layers):  # only the spectra and the kept frequencies are needed until pass B
+        for i in range(start):  # layers a killed run calibrated: read back from its files
             saved = work.load_a(i)
-            spectra.append(saved["spectrum"])
-            freq_idx.append([t for _, t in saved["plan"].kept])
+            kept[i] = (saved["spectrum"], [t for _, t in saved["plan"].kept])
             del saved
+        spectra, freq_idx = [kept[i][0] for i in range(self.n_layers)], [kept[i][1] for i in range(self.n_layers)]
         ranks = self._allocate(spectra)
         mla_cfg = self.mla_config(ranks, freq_idx)
         mla_cfg._attn_implementation = "sdpa"

@@ -113,7 +113,9 @@ def latest_checkpoint(root: Path) -> Path | None:
             if root.is_dir() else []
         if not done:
             return None
-        pointer.write_text(done[-1][1].name)
+        tmp = root / f".{LATEST}-{uuid.uuid4().hex[:6]}"
+        tmp.write_text(done[-1][1].name)
+        os.replace(tmp, pointer)
     path = root / pointer.read_text().strip()
     if not (path / "state.json").is_file():
         raise CheckpointError(f"{pointer} names {path.name}, which is missing or incomplete")
