@@ -2,13 +2,16 @@
 
     python benchmarks/variants.py --ratio 0.5 --variants '{"base": {}, "uniform": {"rank_allocation": "uniform"}}'
 
-Each variant is a set of ConvertConfig overrides; fidelity is measured on held-out text (builtin-eval).
+Each variant is a set of ConvertConfig overrides; fidelity is measured on held-out text: ``--text
+persuasion`` (Austen's novel, another domain than the calibration, see heldout.py; the default) or
+``builtin-eval`` (the Python Language Reference, the calibration's own domain).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,11 +30,18 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=8)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--text", choices=["persuasion", "builtin-eval"], default="persuasion")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     source = resolve(args.model)
     tok = source.tokenizer()
-    ids = data.token_windows(data.texts("builtin-eval"), tok, args.eval_samples, args.eval_seq_len)
+    if args.text == "persuasion":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from heldout import windows
+
+        ids = windows(tok, args.eval_samples, args.eval_seq_len)
+    else:
+        ids = data.token_windows(data.texts("builtin-eval"), tok, args.eval_samples, args.eval_seq_len)
     baseline = load_model(args.model)
     rows = []
     for name, overrides in json.loads(args.variants).items():
@@ -41,7 +51,7 @@ def main() -> None:
                                 calib_samples=args.calib_samples, **overrides)
             res = convert(cfg, source=source)
             fid = compare(load_model(str(Path(tmp) / "m")), baseline, ids)
-            row = {"variant": name, "overrides": overrides, "kv_ratio": res.kv_ratio,
+            row = {"variant": name, "text": args.text, "overrides": overrides, "kv_ratio": res.kv_ratio,
                    "convert_seconds": round(time.time() - t0, 1), **fid.as_dict(),
                    "mean_attn_error": sum(r.attn_error for r in res.layers) / len(res.layers),
                    "value_fit_attention_layers": sum(r.value_fit == "attention" for r in res.layers)}

@@ -171,6 +171,9 @@ def convert(
                                                          f"statistics. {_d('att_samples')}"),
     rope_layout: Optional[str] = typer.Option(None, help="free (data-driven RoPE pairs) | deepseek (exportable "
                                                          f"table). {_d('rope_layout')}"),
+    nope_fit: Optional[str] = typer.Option(None, help="Dropped RoPE pairs: averaged (stand in the attention-averaged "
+                                                      "rotation, fitted on calibration sequences) | unrotated (drop "
+                                                      f"the rotation). {_d('nope_fit')}"),
     centre: Optional[bool] = typer.Option(None, "--centre/--no-centre",
                                           help="Centre the latent on the calibration mean. --no-centre: bias-free "
                                                "latent, so the engine export (export --engine) is exact for bias-free "

@@ -200,3 +200,43 @@ def test_kv_dim_and_rank_budgets_give_their_cache_size(kw, per_layer, rope, tiny
 def test_two_budget_flags_are_an_error_not_an_override(kw, tiny_src, tmp_path):
     with pytest.raises(UserError, match="each set the cache budget; give only one"):
         ConvertConfig(model=str(tiny_src("llama")), output=str(tmp_path / "o"), **kw).validate()
+
+
+def test_averaged_rotation_is_the_least_squares_stand_in():
+    """(a, b) from the closed form equal a brute-force weighted least squares over every (head, m, n)."""
+    torch.manual_seed(3)
+    H, P, T, h = 4, 2, 10, 8
+    q, k = torch.randn(H, T, h, dtype=torch.float64), torch.randn(P, T, h, dtype=torch.float64)
+    attn = torch.rand(H, T, T, dtype=torch.float64).tril()
+    attn = attn / attn.sum(-1, keepdim=True)
+    mix = torch.linalg.qr(torch.randn(h // 2, P, P, dtype=torch.float64))[0]
+    inv = 1 / (100 ** (torch.arange(h // 2, dtype=torch.float64) / (h // 2)))
+    grp = torch.tensor([0, 0, 1, 1])
+    rot, cost = rope.fit_averaged_rotation(*rope.averaged_rotation_sums(q, k, attn, inv), mix, grp, ridge=0.0)
+    for g in range(2):
+        for p in range(P):
+            for t in range(h // 2):
+                rows, ys, ws = [], [], []
+                for i in (i for i in range(H) if grp[i] == g):
+                    for m in range(T):
+                        for n in range(m + 1):
+                            q0, q1 = q[i, m, t], q[i, m, t + h // 2]
+                            k0, k1 = k[p, n, t], k[p, n, t + h // 2]
+                            ph = float((m - n) * inv[t])
+                            dot, cross = q0 * k0 + q1 * k1, q0 * k1 - q1 * k0
+                            rows.append([dot, cross])
+                            ys.append(dot * math.cos(ph) + cross * math.sin(ph))
+                            ws.append(attn[i, m, n])
+                x, y, w = torch.tensor(rows), torch.tensor(ys), torch.tensor(ws).sqrt()
+                ref = torch.linalg.lstsq(x * w[:, None], y * w).solution
+                assert torch.allclose(rot[g, p, t], ref, atol=1e-8), (g, p, t)
+    # the score a stand-in query gives on an unrotated key is a dot + b cross
+    maps = rope.query_maps(mix, [(1, 2)], h, rot)
+    qv, kv = torch.randn(h, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    a, b = rot[0, 1, 2]
+    u = mix[2, 1, 0]
+    q0, q1 = qv[2], qv[2 + h // 2]
+    assert torch.allclose((maps[0] @ qv) @ kv, u * (a * (q0 * kv[0] + q1 * kv[1]) + b * (q0 * kv[1] - q1 * kv[0])))
+    # with the fit the remaining cost never exceeds the cost of dropping the rotation outright
+    plain = rope.drop_rotation_cost(q.float(), k.float(), attn.float(), mix.float(), inv.float(), grp)
+    assert (cost <= plain + 1e-4).all() and (cost < plain - 1e-6).any()

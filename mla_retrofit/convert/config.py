@@ -37,6 +37,8 @@ class ConvertConfig(Config):
     eval_seq_len: int = Field(256, ge=1)
     value_fit: Literal["attention", "token"] = "attention"
     rope_layout: Literal["free", "deepseek"] = "free"
+    # dropped RoPE pairs: "averaged" stands in the attention-averaged rotation, "unrotated" removes it
+    nope_fit: Literal["averaged", "unrotated"] = "averaged"
     centre: bool = True  # False: bias-free latent (no centring), exact in the bias-free engine export
     att_samples: int = Field(16, ge=0)
     dtype: str = "auto"

@@ -53,23 +53,31 @@ class LayerPlan:
     dropped: list[tuple[int, int]]
     cost: torch.Tensor | None = None  # [n_kv, h/2] measured cost of dropping each rotation
     info: dict = field(default_factory=dict)
+    # [n_kv groups, n_kv components, h/2, 2]: the (a, b) standing in for a dropped pair's rotation
+    # (``rope.fit_averaged_rotation``); None: the identity (the rotation simply removed)
+    rot: torch.Tensor | None = None
 
 
 def plan_rope(stats: LayerStats, method: str, rope_dim: int, inv_freq: torch.Tensor, n_heads: int,
-              attention_scaling: float = 1.0, layout: str = "free") -> LayerPlan:
+              attention_scaling: float = 1.0, layout: str = "free", nope_fit: str = "averaged") -> LayerPlan:
     """Choose the per-frequency mixing and the pairs that keep RoPE.
 
-    ``layout="deepseek"`` keeps the principal mixed component of every ``stride``-th frequency
-    (``stride = (h/2) / (d_R/2)``), which is exactly a DeepSeek RoPE table of ``d_R`` dims with
-    ``theta ** stride``: the form the DeepSeek-V3 export needs.
+    ``layout="deepseek"`` keeps the principal mixed component of the ``d_R/2`` fastest frequencies
+    (:func:`rope.deepseek_pairs`), a DeepSeek RoPE table: the form the DeepSeek-V3 export needs.
+    ``nope_fit="averaged"`` (method ``mla``) gives every dropped pair the attention-averaged rotation
+    that best stands in for its real one, and the free layout keeps the pairs whose loss remains
+    largest with it; ``"unrotated"`` drops rotations outright.
     """
     n_kv, h = stats.n_kv, stats.head_dim
     n_pairs = rope_dim // 2
     pairs = rope.all_pairs(n_kv, h)
-    cost = None
+    cost = rot = None
+    averaged = method == "mla" and nope_fit == "averaged" and bool(stats.samples)
     if layout == "deepseek":
         mix = rope.frequency_mixing(stats.key_m2(), n_kv, h, query_weight=_query_energy(stats.query_m2(), h))
         kept = rope.deepseek_pairs(h, n_pairs)
+        if averaged:
+            rot, cost = averaged_rotation(stats, mix, inv_freq, n_heads, attention_scaling)
     elif method == "weight-svd":
         mix = rope.identity_mixing(n_kv, h)
         kept = rope.first_frequency_pairs(n_kv, h, n_pairs)
@@ -83,11 +91,14 @@ def plan_rope(stats: LayerStats, method: str, rope_dim: int, inv_freq: torch.Ten
     else:
         q_energy = _query_energy(stats.query_m2(), h)  # [n_kv, h/2]
         mix = rope.frequency_mixing(stats.key_m2(), n_kv, h, query_weight=q_energy)
-        cost = measured_drop_cost(stats, mix, inv_freq, n_heads, attention_scaling)
+        if averaged:
+            rot, cost = averaged_rotation(stats, mix, inv_freq, n_heads, attention_scaling)
+        else:
+            cost = measured_drop_cost(stats, mix, inv_freq, n_heads, attention_scaling)
         kept = rope.top_pairs(cost, n_pairs)
     kept_set = set(kept)
     dropped = [pt for pt in pairs if pt not in kept_set]
-    plan = LayerPlan(mix=mix, kept=kept, dropped=dropped, cost=cost)
+    plan = LayerPlan(mix=mix, kept=kept, dropped=dropped, cost=cost, rot=rot)
     if cost is not None:
         total = float(cost.sum())
         plan.info["rope_cost_kept"] = float(sum(cost[p, t] for p, t in kept) / total) if total > 0 else 1.0
@@ -118,6 +129,22 @@ def measured_drop_cost(stats: LayerStats, mix, inv_freq, n_heads, attention_scal
         k_mixed[..., half:] = torch.einsum("tpj,jnt->pnt", mixf, k[..., half:])
         cost += rope.drop_rotation_cost(q, k_mixed, attn, mixf, inv_freq.float(), group, attention_scaling)
     return cost
+
+
+def averaged_rotation(stats: LayerStats, mix, inv_freq, n_heads, attention_scaling=1.0):
+    """``(rot, cost)``: :func:`rope.fit_averaged_rotation` on the layer's sampled sequences."""
+    n_kv, h = stats.n_kv, stats.head_dim
+    group = torch.arange(n_heads) // (n_heads // n_kv)
+    mixf = mix.float()
+    sums = None
+    for q, k, attn in stats.samples:
+        k_mixed = torch.empty_like(k)
+        half = h // 2
+        k_mixed[..., :half] = torch.einsum("tpj,jnt->pnt", mixf, k[..., :half])
+        k_mixed[..., half:] = torch.einsum("tpj,jnt->pnt", mixf, k[..., half:])
+        part = rope.averaged_rotation_sums(q, k_mixed, attn, inv_freq.float(), attention_scaling)
+        sums = part if sums is None else tuple(a + b for a, b in zip(sums, part))
+    return rope.fit_averaged_rotation(*sums, mix, group)
 
 
 @dataclass
@@ -172,7 +199,7 @@ def metric(stats: LayerStats, plan: LayerPlan, tg: Targets, w: AttnWeights, n_he
     tau_v = torch.trace(g_v @ tg.cov[n_k:, n_k:]).clamp_min(1e-30)
     out[n_k:, n_k:] = g_v / tau_v
     if n_k:
-        b = rope.query_maps(plan.mix.double(), plan.dropped, h)  # [n_kv, n_k, h]
+        b = rope.query_maps(plan.mix.double(), plan.dropped, h, getattr(plan, "rot", None))  # [n_kv, n_k, h]
         g_k = torch.einsum("gah,ghe,gbe->ab", b, stats.query_m2(), b)
         tau_k = torch.trace(g_k @ tg.cov[:n_k, :n_k]).clamp_min(1e-30)
         out[:n_k, :n_k] = alpha * g_k / tau_k
@@ -242,7 +269,7 @@ def attention_state(
         a_w = torch.cat([d_u @ w_kv, tg.m_rope @ w.w_k])
         a_b = torch.cat([d_u @ (b_kv - mu_u), tg.m_rope @ b_kv[:n]])
     up_k, up_v = fact.up[: tg.n_k], fact.up[tg.n_k :]
-    b = rope.query_maps(plan.mix.double(), plan.dropped, h)  # [n_kv, n_k, h]
+    b = rope.query_maps(plan.mix.double(), plan.dropped, h, getattr(plan, "rot", None))  # [n_kv, n_k, h]
     k_up = torch.einsum("gah,ar->ghr", b, up_k).reshape(n, -1) if tg.n_k else torch.zeros(n, fact.rank, dtype=torch.float64)
     mean_v = (fact.mean[tg.n_k :]).view(n_kv, h).repeat_interleave(n_heads // n_kv, 0).flatten()
     b_o = (w.b_o if w.b_o is not None else zeros(w.w_o.shape[0])) + w.w_o @ mean_v

@@ -179,7 +179,8 @@ class Converter:
             layer = self._layer(i)
             stats = LayerStats(self.n_kv, self.head_dim)
             hidden = self._run_layer(layer, hidden, cos, sin, stats)
-            plan = plan_rope(stats, cfg.method, self.budget.rope_dim, inv_freq, self.n_heads, scaling, cfg.rope_layout)
+            plan = plan_rope(stats, cfg.method, self.budget.rope_dim, inv_freq, self.n_heads, scaling, cfg.rope_layout,
+                             cfg.nope_fit)
             tg = targets(stats, plan)
             g = metric(stats, plan, tg, AttnWeights.of(layer.self_attn), self.n_heads, 1.0) if cfg.method == "mla" else None
             stats.samples.clear()
@@ -214,7 +215,8 @@ class Converter:
             if converted and i > 0:
                 stats = LayerStats(self.n_kv, self.head_dim)
                 self._run_layer(layer, hidden, cos, sin, stats)
-                plan = plan_rope(stats, cfg.method, self.budget.rope_dim, inv_freq, self.n_heads, scaling, cfg.rope_layout)
+                plan = plan_rope(stats, cfg.method, self.budget.rope_dim, inv_freq, self.n_heads, scaling, cfg.rope_layout,
+                             cfg.nope_fit)
                 plan = _keep_freqs(plan, saved["plan"])
             mla_layer, report = self._convert_layer(i, layer, stats, plan, ranks[i], mla_cfg, cos, sin)
             del saved, stats

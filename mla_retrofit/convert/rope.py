@@ -56,18 +56,26 @@ def pair_rows(pairs: list[tuple[int, int]], head_dim: int) -> torch.Tensor:
     return torch.tensor(first + [r + head_dim // 2 for r in first], dtype=torch.long)
 
 
-def query_maps(mix: torch.Tensor, pairs: list[tuple[int, int]], head_dim: int) -> torch.Tensor:
+def query_maps(mix: torch.Tensor, pairs: list[tuple[int, int]], head_dim: int, rot: torch.Tensor | None = None) -> torch.Tensor:
     """``[n_kv, 2*len(pairs), h]``: for group ``g``, the map from a query head to its query on ``pairs``.
 
     The query of head ``i`` (group ``g``) on mixed component ``(p, t, a)`` is
-    ``U_t[p, g] * q_i[t + a*h/2]``.
+    ``U_t[p, g] * q_i[t + a*h/2]``. With ``rot`` (``[n_kv groups, n_kv components, h/2, 2]``, the
+    ``(a, b)`` of :func:`fit_averaged_rotation`), the pair's score becomes ``q^T (a I + b J) k``
+    instead of ``q^T k``: the query reads ``(a q0 - b q1, b q0 + a q1)``.
     """
     half, n_kv, _ = mix.shape
     n = len(pairs)
     out = torch.zeros(n_kv, 2 * n, head_dim, dtype=mix.dtype)
     for s, (p, t) in enumerate(pairs):
-        out[:, s, t] = mix[t, p, :]
-        out[:, s + n, t + half] = mix[t, p, :]
+        u = mix[t, p, :]
+        if rot is None:
+            out[:, s, t] = u
+            out[:, s + n, t + half] = u
+        else:
+            a, b = rot[:, p, t, 0].to(mix.dtype), rot[:, p, t, 1].to(mix.dtype)
+            out[:, s, t], out[:, s, t + half] = u * a, -u * b
+            out[:, s + n, t], out[:, s + n, t + half] = u * b, u * a
     return out
 
 
@@ -98,6 +106,83 @@ def top_pairs(cost: torch.Tensor, n_pairs: int) -> list[tuple[int, int]]:
     n_kv, half = cost.shape
     order = torch.argsort(cost.flatten(), descending=True)[:n_pairs].tolist()
     return sorted(((i // half, i % half) for i in order), key=lambda pt: (pt[1], pt[0]))
+
+
+def _moments(q, k_mixed, attn, weights):
+    """``sum_mn W_mn f(q_m) g(k_n)`` for ``f`` in (q0^2, q1^2, q0 q1), ``g`` in (k0^2, k1^2, k0 k1), per pair.
+
+    ``weights`` are ``[h/2, T, T]`` position weights multiplied into ``attn``; returns, for each,
+    ``[h/2, H, 3 (f), 3 (g), P]``.
+    """
+    t_len, head_dim = q.shape[1], q.shape[2]
+    half, n_kv = head_dim // 2, k_mixed.shape[0]
+    q0, q1 = q[..., :half].permute(2, 0, 1), q[..., half:].permute(2, 0, 1)  # [h/2, H, T]
+    k0, k1 = k_mixed[..., :half].permute(2, 0, 1), k_mixed[..., half:].permute(2, 0, 1)  # [h/2, P, T]
+    fq = torch.stack([q0 * q0, q1 * q1, q0 * q1], dim=2)  # [h/2, H, 3, T]
+    keys = torch.stack([k0 * k0, k1 * k1, k0 * k1], dim=1).reshape(half, 3 * n_kv, t_len).transpose(1, 2)
+    out = []
+    for w in weights:
+        m = torch.matmul(attn.unsqueeze(0) * w.unsqueeze(1), keys.unsqueeze(1))  # [h/2, H, T, 3P]
+        out.append(torch.einsum("thfm,thmp->thfp", fq, m).reshape(half, -1, 3, 3, n_kv))
+    return out
+
+
+def _pair_sums(m):
+    """From :func:`_moments`: ``sum W dot^2``, ``sum W dot cross``, ``sum W cross^2`` (``[h/2, H, P]`` each),
+    with ``dot = q0 k0 + q1 k1`` and ``cross = q0 k1 - q1 k0``."""
+    a, b, c = 0, 1, 2  # f/g index: squares of component 0, of component 1, their product
+    dd = m[:, :, a, a] + m[:, :, b, b] + 2 * m[:, :, c, c]
+    cc = m[:, :, a, b] + m[:, :, b, a] - 2 * m[:, :, c, c]
+    dc = m[:, :, a, c] - m[:, :, b, c] + m[:, :, c, b] - m[:, :, c, a]
+    return dd, dc, cc
+
+
+def averaged_rotation_sums(q, k_mixed, attn, inv_freq, attention_scaling: float = 1.0):
+    """Normal equations of the best position-free stand-in for a pair's rotation, per query head.
+
+    A pair that loses its rotation contributes ``q^T M k`` to the score instead of ``q^T R(phi) k``.
+    ``M = I`` (what dropping the rotation means) is exact only at distance 0. Among ``M = a I + b J``
+    (a fixed rotation and scale, which commutes with the mixing and stays linear), the one that
+    minimises the attention-weighted squared score error solves ``S [a, b] = r``. Returns ``(S, r, e)``
+    with ``S [h/2, H, P, 2, 2]``, ``r [h/2, H, P, 2]`` and ``e = sum W y^2`` ``[h/2, H, P]``, ``y`` the true term.
+    """
+    t_len = q.shape[1]
+    pos = torch.arange(t_len, dtype=q.dtype)
+    phi = (pos[:, None] - pos[None, :])[None] * inv_freq.to(q.dtype)[:, None, None]  # [h/2, T, T]
+    s2 = attention_scaling**2
+    cos, sin = torch.cos(phi) * s2, torch.sin(phi) * s2
+    one = torch.ones_like(cos)
+    m1, mc, ms, mcc, mcs, mss = _moments(q, k_mixed, attn, [one, cos, sin, cos * cos, cos * sin, sin * sin])
+    dd, dc, cc = _pair_sums(m1)
+    dd_c, dc_c, cc_c = _pair_sums(mc)
+    dd_s, dc_s, cc_s = _pair_sums(ms)
+    s = torch.stack([torch.stack([dd, dc], -1), torch.stack([dc, cc], -1)], -2)
+    r = torch.stack([dd_c + dc_s, dc_c + cc_s], -1)  # y = dot cos + cross sin
+    dd_cc, dc_cs, cc_ss = _pair_sums(mcc)[0], _pair_sums(mcs)[1], _pair_sums(mss)[2]
+    e = dd_cc + 2 * dc_cs + cc_ss
+    return s.double(), r.double(), e.double()
+
+
+def fit_averaged_rotation(s, r, e, mix, group_of_head, ridge: float = 1e-6):
+    """``(a, b)`` per (group, component, frequency) ``[n_kv, P, h/2, 2]`` and the cost of dropping each pair
+    with it ``[P, h/2]`` (the remaining weighted squared score error, summed over heads with ``U_t[p, g]^2``).
+
+    ``s``, ``r``, ``e`` are :func:`averaged_rotation_sums` accumulated over the calibration samples.
+    """
+    half, n_heads, n_p = r.shape[:3]
+    n_groups = int(group_of_head.max()) + 1
+    onehot = torch.zeros(n_groups, n_heads, dtype=s.dtype)
+    onehot[group_of_head, torch.arange(n_heads)] = 1
+    sg = torch.einsum("gh,thpij->gtpij", onehot, s)
+    rg = torch.einsum("gh,thpi->gtpi", onehot, r)
+    eg = torch.einsum("gh,thp->gtp", onehot, e)
+    scale = torch.diagonal(sg, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+    sg = sg + ridge * scale[..., None, None] * torch.eye(2, dtype=s.dtype)
+    ab = torch.linalg.solve(sg, rg.unsqueeze(-1)).squeeze(-1)  # [g, h/2, P, 2]
+    resid = (eg - (ab * rg).sum(-1)).clamp_min(0)  # [g, h/2, P]
+    coef = mix.double().permute(2, 0, 1).square()  # [g, h/2, P]: U_t[p, g]^2
+    cost = (coef * resid).sum(0).T  # [P, h/2]
+    return ab.permute(0, 2, 1, 3).contiguous(), cost
 
 
 def drop_rotation_cost(
