@@ -162,6 +162,8 @@ def convert(
                                                    f".jsonl/.parquet/.txt. {_d('calib')}"),
     calib_samples: Optional[int] = typer.Option(None, help=f"Calibration windows. {_d('calib_samples')}"),
     calib_seq_len: Optional[int] = typer.Option(None, help=f"Tokens per calibration window. {_d('calib_seq_len')}"),
+    calib_seed: Optional[int] = typer.Option(None, help="0: calibration documents in order; another value shuffles "
+                                                        f"them (another draw of the same corpus). {_d('calib_seed')}"),
     batch_size: Optional[int] = typer.Option(None, help=f"Calibration batch size. {_d('batch_size')}"),
     propagate: Optional[str] = typer.Option(None, help="Inputs of later layers: 'original' or 'converted' layers. "
                                                        f"{_d('propagate')}"),

@@ -239,10 +239,19 @@ def sections(text: str, size: int = 8000) -> list[str]:
     return out
 
 
-def token_windows(texts_: list[str], tokenizer, n: int, seq_len: int, eos: bool = True):
-    """``n`` windows of ``seq_len`` tokens cut from the concatenated corpus (documents joined by EOS)."""
+def token_windows(texts_: list[str], tokenizer, n: int, seq_len: int, eos: bool = True, seed: int = 0):
+    """``n`` windows of ``seq_len`` tokens cut from the concatenated corpus (documents joined by EOS).
+
+    ``seed`` 0 takes the documents in order; any other seed shuffles their order first (another draw
+    of calibration text from the same corpus, e.g. to measure how much a result depends on it).
+    """
+    import random
+
     import torch
 
+    if seed:
+        texts_ = list(texts_)
+        random.Random(seed).shuffle(texts_)
     ids: list[int] = []
     need = n * seq_len
     for text in texts_:

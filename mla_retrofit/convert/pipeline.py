@@ -88,7 +88,8 @@ class Converter:
     def _windows(self) -> torch.Tensor:
         tok = self.source.tokenizer()
         texts = data.texts(self.cfg.calib, tok)
-        ids = data.token_windows(texts, tok, self.cfg.calib_samples, self.cfg.calib_seq_len)
+        ids = data.token_windows(texts, tok, self.cfg.calib_samples, self.cfg.calib_seq_len,
+                                 seed=self.cfg.calib_seed)
         if ids.shape[0] < self.cfg.calib_samples:
             self.notes.append(f"calibration data gave {ids.shape[0]} windows of {self.cfg.calib_seq_len} tokens, not {self.cfg.calib_samples}")
         return ids
