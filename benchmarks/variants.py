@@ -1,6 +1,7 @@
 """Ablations of the default conversion on the embedded SmolLM2-135M-Instruct, one conversion each.
 
     python benchmarks/variants.py --ratio 0.5 --variants '{"base": {}, "uniform": {"rank_allocation": "uniform"}}'
+    python benchmarks/variants.py --ratio 0.125,0.25,0.5 --variants '{"exportable": {"rope_dim": {"0.25": 32}}}'
 
 Each variant is a set of ConvertConfig overrides; fidelity is measured on held-out text: ``--text
 persuasion`` (Austen's novel, another domain than the calibration, see heldout.py; the default) or
@@ -25,7 +26,7 @@ from mla_retrofit.sources import EMBEDDED_DEFAULT, load_model, resolve
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=EMBEDDED_DEFAULT)
-    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--ratio", default="0.5", help="KV fraction, or several comma-separated (every variant at each)")
     ap.add_argument("--variants", required=True, help="JSON object: name -> ConvertConfig overrides")
     ap.add_argument("--eval-samples", type=int, default=8)
     ap.add_argument("--eval-seq-len", type=int, default=512)
@@ -44,14 +45,19 @@ def main() -> None:
         ids = data.token_windows(data.texts("builtin-eval"), tok, args.eval_samples, args.eval_seq_len)
     baseline = load_model(args.model)
     rows = []
-    for name, overrides in json.loads(args.variants).items():
+    runs = [(float(r), name, ov) for r in args.ratio.split(",") for name, ov in json.loads(args.variants).items()]
+    for ratio, name, overrides in runs:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.time()
-            cfg = ConvertConfig(model=args.model, output=str(Path(tmp) / "m"), kv_ratio=args.ratio,
-                                calib_samples=args.calib_samples, **overrides)
+            # a variant may name its own budget (kv_ratio, kv_dim, rank) or rope_dim per ratio ({"0.25": 32, ...})
+            overrides = {k: (v.get(str(ratio)) if isinstance(v, dict) else v) for k, v in overrides.items()}
+            overrides = {k: v for k, v in overrides.items() if v is not None}
+            budget = {} if {"kv_dim", "rank", "kv_ratio"} & set(overrides) else {"kv_ratio": ratio}
+            cfg = ConvertConfig(model=args.model, output=str(Path(tmp) / "m"), calib_samples=args.calib_samples,
+                                **budget, **overrides)
             res = convert(cfg, source=source)
             fid = compare(load_model(str(Path(tmp) / "m")), baseline, ids)
-            row = {"variant": name, "text": args.text, "overrides": overrides, "kv_ratio": res.kv_ratio,
+            row = {"variant": name, "text": args.text, "target_ratio": ratio, "overrides": overrides, "kv_ratio": res.kv_ratio,
                    "convert_seconds": round(time.time() - t0, 1), **fid.as_dict(),
                    "mean_attn_error": sum(r.attn_error for r in res.layers) / len(res.layers),
                    "value_fit_attention_layers": sum(r.value_fit == "attention" for r in res.layers)}

@@ -155,7 +155,11 @@ def convert(
     rope_dim: Optional[int] = typer.Option(None, help="RoPE key dims kept per layer (default: all key dims at "
                                                       "--kv-ratio 1, else min(64, head_dim, half the budget))."),
     method: Optional[str] = typer.Option(None, help=f"mla (ours) | rorope-pca | weight-svd (baselines). {_d('method')}"),
-    rank_allocation: Optional[str] = typer.Option(None, help=f"adaptive | uniform. {_d('rank_allocation')}"),
+    rank_allocation: Optional[str] = typer.Option(None, help="adaptive (eigen-tail) | uniform | sensitivity (eigen-tail "
+                                                          "weighted by each layer's measured effect on the output). "
+                                                          f"{_d('rank_allocation')}"),
+    sensitivity_samples: Optional[int] = typer.Option(None, help="Calibration windows the layer sensitivities are "
+                                                                 f"measured on. {_d('sensitivity_samples')}"),
     min_rank_fraction: Optional[float] = typer.Option(None, help="Adaptive: lowest rank as a fraction of the uniform "
                                                                  f"rank. {_d('min_rank_fraction')}"),
     calib: Optional[str] = typer.Option(None, help="Calibration data: 'builtin', a Hub dataset id, "
@@ -240,11 +244,16 @@ def convert(
 def print_conversion(result) -> None:
     if VERBOSITY["level"] >= 1:
         table = Table(title="conversion report", show_lines=False)
-        for col in ("layer", "rank", "rope", "retained", "K err", "V err", "attn err"):
+        sens = all(r.sensitivity is not None for r in result.layers)
+        cols = ("layer", "rank", "rope", "retained", "K err", "V err", "attn err")
+        for col in cols + (("sensitivity", "KL pred", "KL meas") if sens else ()):
             table.add_column(col, justify="right")
         for r in result.layers:
-            table.add_row(str(r.layer), str(r.rank), str(r.rope_dim), f"{r.retained_energy:.3f}", f"{r.key_error:.4f}",
-                          f"{r.value_error:.4f}", f"{r.attn_error:.4f}")
+            row = [str(r.layer), str(r.rank), str(r.rope_dim), f"{r.retained_energy:.3f}", f"{r.key_error:.4f}",
+                   f"{r.value_error:.4f}", f"{r.attn_error:.4f}"]
+            if sens:
+                row += [f"{r.sensitivity:.3g}", f"{r.predicted_kl:.4f}", f"{r.measured_kl:.4f}"]
+            table.add_row(*row)
         console.print(table)
     console.print(f"KV cache per token: {result.kv_converted} values (original {result.kv_original}) -> "
                   f"[bold]{result.kv_ratio:.3f}x[/]", highlight=False)

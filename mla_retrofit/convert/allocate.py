@@ -61,20 +61,25 @@ def default_rope_dim(per_layer: int, full: int, head_dim: int, max_rope: int) ->
 
 
 def adaptive_ranks(
-    spectra: list[torch.Tensor], total: int, r_min: list[int], r_max: list[int]
+    spectra: list[torch.Tensor], total: int, r_min: list[int], r_max: list[int],
+    weights: list[float] | None = None,
 ) -> list[int]:
     """Spend exactly ``total`` latent dims where they remove the most estimated error.
 
     ``spectra[l]`` are layer ``l``'s weighted-PCA eigenvalues (descending),
     normalised by their sum so that every layer's loss is its relative
-    attention reconstruction error; each unit of rank goes greedily to the layer
-    whose next eigenvalue is largest (optimal, as each layer's tail is convex).
+    attention reconstruction error, times ``weights[l]`` where given (the
+    layer's sensitivity: end-to-end loss per unit of relative error); each unit
+    of rank goes greedily to the layer whose next weighted eigenvalue is largest
+    (optimal, as each layer's tail is convex).
     """
     if sum(r_min) > total:
         raise UserError(f"budget too small: the per-layer minimum ranks need {sum(r_min)} > {total} latent dims")
     if sum(r_max) < total:
         raise UserError(f"budget too large: at most {sum(r_max)} latent dims are useful, asked for {total}")
     norm = [s.clamp_min(0) / s.clamp_min(0).sum().clamp_min(1e-30) for s in spectra]
+    if weights is not None:
+        norm = [n * float(w) for n, w in zip(norm, weights)]
     ranks = list(r_min)
     heap = [(-_gain(norm[l], ranks[l]), l) for l in range(len(spectra)) if ranks[l] < r_max[l]]
     heapq.heapify(heap)
@@ -88,3 +93,10 @@ def adaptive_ranks(
 
 def _gain(norm_spectrum: torch.Tensor, rank: int) -> float:
     return float(norm_spectrum[rank]) if rank < norm_spectrum.numel() else 0.0
+
+
+def predicted_tail(spectrum: torch.Tensor, rank: int) -> float:
+    """The relative error a rank leaves by the layer's spectrum: the share of its eigenvalues beyond ``rank``."""
+    s = spectrum.clamp_min(0)
+    total = float(s.sum())
+    return float(s[rank:].sum()) / total if total > 0 else 0.0

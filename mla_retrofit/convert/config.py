@@ -26,7 +26,8 @@ class ConvertConfig(Config):
     rank: int | None = Field(None, ge=1)
     rope_dim: int | None = Field(None, ge=0)
     method: Literal["mla", "rorope-pca", "weight-svd"] = "mla"
-    rank_allocation: Literal["adaptive", "uniform"] = "adaptive"
+    rank_allocation: Literal["adaptive", "uniform", "sensitivity"] = "adaptive"
+    sensitivity_samples: int = Field(4, ge=1)  # calibration windows the layer sensitivities are measured on
     min_rank_fraction: float = Field(0.25, gt=0, le=1)
     calib: str = "builtin"
     calib_samples: int = Field(64, ge=1)

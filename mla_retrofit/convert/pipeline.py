@@ -196,6 +196,11 @@ class Converter:
             kept[i] = (saved["spectrum"], [t for _, t in saved["plan"].kept])
             del saved
         spectra, freq_idx = [kept[i][0] for i in range(self.n_layers)], [kept[i][1] for i in range(self.n_layers)]
+        self.sensitivity = None
+        if cfg.rank_allocation == "sensitivity" and cfg.method == "mla" and self.budget.uniform_rank is None:
+            from .sensitivity import layer_sensitivities
+
+            self.sensitivity = layer_sensitivities(self, ids[: cfg.sensitivity_samples], seed=cfg.calib_seed)
         ranks = self._allocate(spectra)
         mla_cfg = self.mla_config(ranks, freq_idx)
         mla_cfg._attn_implementation = "sdpa"
@@ -234,6 +239,11 @@ class Converter:
         result = ConversionResult(output=cfg.output)
         layer_files = [work.load_b(i) for i in range(self.n_layers)]
         result.layers = [LayerReport(**json.loads(f.metadata["report"])) for f in layer_files]
+        for r in result.layers:
+            r.predicted_error = allocate.predicted_tail(spectra[r.layer], r.rank)
+            if self.sensitivity is not None:
+                r.sensitivity = self.sensitivity[r.layer]
+                r.predicted_kl, r.measured_kl = r.sensitivity * r.predicted_error, r.sensitivity * r.attn_error
         with atomic_dir(out_dir, cfg.overwrite) as tmp:
             writer = ShardWriter(tmp)
             one_file = sum(work.b_path(i).stat().st_size for i in range(self.n_layers)) + self._rest_bytes() \
@@ -266,7 +276,7 @@ class Converter:
         if self.cfg.rank_allocation == "uniform" or self.cfg.method != "mla" or per >= r_max[0]:
             return [min(per, r_max[0])] * self.n_layers
         r_min = [max(1, int(math.ceil(self.cfg.min_rank_fraction * per)))] * self.n_layers
-        return allocate.adaptive_ranks(spectra, per * self.n_layers, r_min, r_max)
+        return allocate.adaptive_ranks(spectra, per * self.n_layers, r_min, r_max, weights=self.sensitivity)
 
     def _convert_layer(self, i, layer, stats, plan, rank, mla_cfg, cos, sin):
         w = AttnWeights.of(layer.self_attn)

@@ -23,6 +23,12 @@ class LayerReport:
     alpha: float | None = None
     rope_cost_kept: float | None = None
     value_fit: str | None = None
+    # rank allocation by sensitivity: end-to-end KL per unit of relative attention-output error, and the layer's
+    # predicted share of the KL at its rank (by its spectrum) and measured one (by its measured attention error)
+    sensitivity: float | None = None
+    predicted_error: float | None = None
+    predicted_kl: float | None = None
+    measured_kl: float | None = None
 
 
 @dataclass
