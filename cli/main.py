@@ -160,6 +160,11 @@ def convert(
                                                           f"{_d('rank_allocation')}"),
     sensitivity_samples: Optional[int] = typer.Option(None, help="Calibration windows the layer sensitivities are "
                                                                  f"measured on. {_d('sensitivity_samples')}"),
+    value_metric: Optional[str] = typer.Option(None, help="Value error weighed by: output (W_o^T W_o) | fisher (W_o^T "
+                                                          "F W_o, F the output distribution's Fisher at the attention "
+                                                          f"output, measured like the sensitivities). {_d('value_metric')}"),
+    fisher_shrink: Optional[float] = typer.Option(None, help="--value-metric fisher: F + shrink * tr(F)/d * I. "
+                                                             f"{_d('fisher_shrink')}"),
     min_rank_fraction: Optional[float] = typer.Option(None, help="Adaptive: lowest rank as a fraction of the uniform "
                                                                  f"rank. {_d('min_rank_fraction')}"),
     calib: Optional[str] = typer.Option(None, help="Calibration data: 'builtin', a Hub dataset id, "
