@@ -45,7 +45,7 @@ def export(
 ) -> None:
     """Export a native MLA checkpoint for a serving engine.
 
-    Convert with --rope-layout deepseek --rank-allocation uniform (and --no-centre for an exact engine form).
+    Convert with --engine (the DeepSeek RoPE table, one rank for all layers, no latent bias) for an exact engine form.
 
     Examples:
 

@@ -189,6 +189,9 @@ def convert(
                                           help="Centre the latent on the calibration mean. --no-centre: bias-free "
                                                "latent, so the engine export (export --engine) is exact for bias-free "
                                                f"families. {_d('centre')}"),
+    engine: Optional[bool] = typer.Option(None, "--engine", help="Convert to the form vLLM/SGLang/llama.cpp serve "
+                                                              "(export --engine, exact): --rope-layout deepseek, "
+                                                              "--rank-allocation uniform, --no-centre."),
     dtype: Optional[str] = typer.Option(None, help=f"Output dtype: auto (source's), float32, bfloat16, float16. {_d('dtype')}"),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace OUT if it exists (without --resume: "
                                                                        "also discard a partial run of it)."),
@@ -209,6 +212,8 @@ def convert(
       mla-retrofit convert Qwen/Qwen2.5-7B out/ --kv-dim 256 --calib data.jsonl
 
       mla-retrofit convert model/ out/ --kv-ratio 1.0      # lossless (exact) construction
+
+      mla-retrofit convert model/ out/ --engine            # the form engines serve; then export out/ X --engine
 
       mla-retrofit convert model/ out/ --resume            # continue a killed run of the same command
     """

@@ -309,3 +309,12 @@ def test_layer_sensitivity_predicts_the_kl_of_a_perturbation(tiny_src, tmp_path)
                 h.remove()
             measured = sum(kls) / len(kls)
             assert 0.75 < s_l * eps / measured < 1.33, (i, s_l * eps, measured)
+
+
+def test_engine_flag_sets_the_servable_form_and_refuses_contradictions():
+    cfg = ConvertConfig(model="m", output="o", engine=True)
+    assert (cfg.method, cfg.rope_layout, cfg.rank_allocation, cfg.centre) == ("mla", "deepseek", "uniform", False)
+    for kw, flag in (({"rank_allocation": "sensitivity"}, "--rank-allocation"), ({"centre": True}, "--centre"),
+                     ({"rope_layout": "free"}, "--rope-layout"), ({"method": "weight-svd"}, "--method")):
+        with pytest.raises(UserError, match=f"drop {flag} or --engine"):
+            ConvertConfig(model="m", output="o", engine=True, **kw)

@@ -19,7 +19,7 @@ from mla_retrofit.export import export_deepseek, export_gguf
 from mla_retrofit.export.latent_norm import DS_NORM_EPS, apply_norm, latent_bound, linear_norm
 from tiny import tiny_tokenizer
 
-ENGINE = dict(rope_layout="deepseek", rank_allocation="uniform", centre=False)
+ENGINE = dict(engine=True)  # convert --engine: rope_layout="deepseek", rank_allocation="uniform", centre=False
 KL_EXACT = 1e-9  # float32 streamed comparison of an exact re-parameterisation (measured ~1e-12)
 
 # deepseek2 metadata the loader reads without a default (arch prefix omitted)

@@ -46,6 +46,8 @@ class ConvertConfig(Config):
     nope_fit: Literal["averaged", "unrotated"] = "averaged"
     centre: bool = True  # False: bias-free latent (no centring), exact in the bias-free engine export
     att_samples: int = Field(16, ge=0)
+    # the form engines serve (export --engine): DeepSeek RoPE table, one rank for all layers, bias-free latent
+    engine: bool = False
     dtype: str = "auto"
     overwrite: bool = False
     resume: bool = False  # continue the partial run a killed conversion left next to the output
@@ -64,3 +66,15 @@ class ConvertConfig(Config):
         if self.rope_dim is not None and (self.rope_dim < 0 or self.rope_dim % 2):
             raise UserError(f"--rope-dim must be an even number, got {self.rope_dim}")
         object.__setattr__(self, "dtype", dtypes.canonical(self.dtype, "--dtype", auto=True))
+        if self.engine:
+            for name, need, flag in ENGINE_FORM:
+                if name in self.model_fields_set and getattr(self, name) != need:
+                    raise UserError(f"--engine converts to the form engines serve, which needs {flag}; "
+                                    f"drop --{name.replace('_', '-')} or --engine")
+                object.__setattr__(self, name, need)
+
+
+#: what ``--engine`` sets: (field, value, the flag that means it)
+ENGINE_FORM = (("method", "mla", "--method mla"), ("rope_layout", "deepseek", "--rope-layout deepseek"),
+               ("rank_allocation", "uniform", "--rank-allocation uniform (one rank for every layer)"),
+               ("centre", False, "--no-centre (no bias on the latent)"))

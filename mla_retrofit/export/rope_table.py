@@ -50,7 +50,7 @@ def check_distinct(freq_idx: list[list[int]]) -> None:
             dup = sorted({t for t in idx if idx.count(t) > 1})
             raise UserError(
                 f"layer {layer} keeps several RoPE components at frequency index {dup[0]}: DeepSeek's single "
-                "shared RoPE key has one pair per frequency; re-convert with --rope-layout deepseek"
+                "shared RoPE key has one pair per frequency; re-convert with --engine (or --rope-layout deepseek)"
             )
 
 
@@ -62,7 +62,7 @@ def choose_step(union: list[int], exact: bool, max_pairs: int | None) -> tuple[i
         if union != [j * step for j in range(n)]:
             raise UserError(
                 f"the kept RoPE frequency indices {union} are not 0, s, 2s, ...: no DeepSeek table matches them "
-                "without empty slots; pass pad_rope=True (costs cache dims) or re-convert with --rope-layout deepseek"
+                "without empty slots; pass pad_rope=True (costs cache dims) or re-convert with --engine (or --rope-layout deepseek)"
             )
         return step, n
     step = 0
@@ -125,7 +125,7 @@ def fit_rope_table(
     if exact and any(sorted(idx) != union for idx in freq_idx):
         raise UserError(
             "layers keep different RoPE frequencies but DeepSeek has one table for all layers; pass pad_rope=True "
-            "(zero slots, costs cache dims) or re-convert with --rope-layout deepseek"
+            "(zero slots, costs cache dims) or re-convert with --engine (or --rope-layout deepseek)"
         )
     step, n_pairs = choose_step(union, exact, target_pairs)
     theta = float(src_params["rope_theta"])

@@ -98,7 +98,7 @@ def plan_rank(ranks: list[int], extra: int, pad_ranks: bool, flashmla: bool) -> 
         raise UserError(
             f"latent ranks differ across layers ({min(ranks)}..{max(ranks)}) but DeepSeek-V3 has one kv_lora_rank: "
             f"pass --pad-ranks (zero-pads to {max(ranks)}, +{extra_vals} cache values per token) or re-convert "
-            "with --rank-allocation uniform"
+            "with --engine (or --rank-allocation uniform)"
         )
     return need
 
