@@ -160,6 +160,9 @@ def convert(
                                                           f"{_d('rank_allocation')}"),
     sensitivity_samples: Optional[int] = typer.Option(None, help="Calibration windows the layer sensitivities are "
                                                                  f"measured on. {_d('sensitivity_samples')}"),
+    sensitivity_power: Optional[float] = typer.Option(None, help="Sensitivity allocation: weigh layers by s_l ** "
+                                                                 "this (0 = adaptive, 1 = the full measured ratio). "
+                                                                 f"{_d('sensitivity_power')}"),
     value_metric: Optional[str] = typer.Option(None, help="Value error weighed by: output (W_o^T W_o) | fisher (W_o^T "
                                                           "F W_o, F the output distribution's Fisher at the attention "
                                                           f"output, measured like the sensitivities). {_d('value_metric')}"),

@@ -284,7 +284,8 @@ class Converter:
         if self.cfg.rank_allocation == "uniform" or self.cfg.method != "mla" or per >= r_max[0]:
             return [min(per, r_max[0])] * self.n_layers
         r_min = [max(1, int(math.ceil(self.cfg.min_rank_fraction * per)))] * self.n_layers
-        return allocate.adaptive_ranks(spectra, per * self.n_layers, r_min, r_max, weights=self.sensitivity)
+        weights = None if self.sensitivity is None else [s ** self.cfg.sensitivity_power for s in self.sensitivity]
+        return allocate.adaptive_ranks(spectra, per * self.n_layers, r_min, r_max, weights=weights)
 
     def _convert_layer(self, i, layer, stats, plan, rank, mla_cfg, cos, sin):
         w = AttnWeights.of(layer.self_attn)
