@@ -163,11 +163,6 @@ def convert(
     sensitivity_power: Optional[float] = typer.Option(None, help="Sensitivity allocation: weigh layers by s_l ** "
                                                                  "this (0 = adaptive, 1 = the full measured ratio). "
                                                                  f"{_d('sensitivity_power')}"),
-    value_metric: Optional[str] = typer.Option(None, help="Value error weighed by: output (W_o^T W_o) | fisher (W_o^T "
-                                                          "F W_o, F the output distribution's Fisher at the attention "
-                                                          f"output, measured like the sensitivities). {_d('value_metric')}"),
-    fisher_shrink: Optional[float] = typer.Option(None, help="--value-metric fisher: F + shrink * tr(F)/d * I. "
-                                                             f"{_d('fisher_shrink')}"),
     min_rank_fraction: Optional[float] = typer.Option(None, help="Adaptive: lowest rank as a fraction of the uniform "
                                                                  f"rank. {_d('min_rank_fraction')}"),
     calib: Optional[str] = typer.Option(None, help="Calibration data: 'builtin', a Hub dataset id, "
@@ -258,12 +253,13 @@ def print_conversion(result) -> None:
     if VERBOSITY["level"] >= 1:
         table = Table(title="conversion report", show_lines=False)
         sens = all(r.sensitivity is not None for r in result.layers)
-        cols = ("layer", "rank", "rope", "retained", "K err", "V err", "attn err")
+        cols = ("layer", "rank", "rope", "retained", "K err", "V err", "attn err", "pred err")
         for col in cols + (("sensitivity", "KL pred", "KL meas") if sens else ()):
             table.add_column(col, justify="right")
         for r in result.layers:
             row = [str(r.layer), str(r.rank), str(r.rope_dim), f"{r.retained_energy:.3f}", f"{r.key_error:.4f}",
-                   f"{r.value_error:.4f}", f"{r.attn_error:.4f}"]
+                   f"{r.value_error:.4f}", f"{r.attn_error:.4f}",
+                   "-" if r.predicted_error is None else f"{r.predicted_error:.4f}"]
             if sens:
                 row += [f"{r.sensitivity:.3g}", f"{r.predicted_kl:.4f}", f"{r.measured_kl:.4f}"]
             table.add_row(*row)

@@ -29,9 +29,6 @@ class ConvertConfig(Config):
     rank_allocation: Literal["adaptive", "uniform", "sensitivity"] = "adaptive"
     sensitivity_samples: int = Field(4, ge=1)  # calibration windows the layer sensitivities are measured on
     sensitivity_power: float = Field(1.0, ge=0, le=1)  # weights s_l ** power (0: the eigen-tail rule, adaptive)
-    # value error weighed by "output" (W_o^T W_o) or "fisher" (W_o^T F W_o, F measured like the sensitivities)
-    value_metric: Literal["output", "fisher"] = "output"
-    fisher_shrink: float = Field(0.1, ge=0)  # F + shrink * tr(F)/d * I
     min_rank_fraction: float = Field(0.25, gt=0, le=1)
     calib: str = "builtin"
     calib_samples: int = Field(64, ge=1)

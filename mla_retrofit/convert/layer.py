@@ -185,21 +185,15 @@ def targets(stats: LayerStats, plan: LayerPlan) -> Targets:
     )
 
 
-def metric(stats: LayerStats, plan: LayerPlan, tg: Targets, w: AttnWeights, n_heads: int, alpha: float,
-           out_metric: torch.Tensor | None = None) -> torch.Tensor:
-    """``blockdiag(alpha G_K / tau_K, G_V / tau_V)``: query-weighted key error, output-weighted value error.
-
-    ``out_metric`` (``[d, d]``, e.g. the Fisher of the model's output with respect to this attention output)
-    weighs the output error: ``G_V = sum_i W_o,i^T F W_o,i``; None: ``F = I``.
-    """
+def metric(stats: LayerStats, plan: LayerPlan, tg: Targets, w: AttnWeights, n_heads: int, alpha: float) -> torch.Tensor:
+    """``blockdiag(alpha G_K / tau_K, G_V / tau_V)``: query-weighted key error, output-weighted value error."""
     n_kv, h = stats.n_kv, stats.head_dim
     group = n_heads // n_kv
     wo = w.w_o.view(w.w_o.shape[0], n_heads, h)
-    fwo = wo if out_metric is None else torch.einsum("df,fih->dih", out_metric.double(), wo)
     g_v = torch.zeros(n_kv * h, n_kv * h, dtype=torch.float64)
     for g in range(n_kv):
-        blk, fblk = wo[:, g * group : (g + 1) * group, :], fwo[:, g * group : (g + 1) * group, :]
-        g_v[g * h : (g + 1) * h, g * h : (g + 1) * h] = torch.einsum("dih,die->he", blk, fblk)
+        blk = wo[:, g * group : (g + 1) * group, :]
+        g_v[g * h : (g + 1) * h, g * h : (g + 1) * h] = torch.einsum("dih,die->he", blk, blk)
     n_k = tg.n_k
     out = torch.zeros(n_k + n_kv * h, n_k + n_kv * h, dtype=torch.float64)
     tau_v = torch.trace(g_v @ tg.cov[n_k:, n_k:]).clamp_min(1e-30)

@@ -196,19 +196,11 @@ class Converter:
             kept[i] = (saved["spectrum"], [t for _, t in saved["plan"].kept])
             del saved
         spectra, freq_idx = [kept[i][0] for i in range(self.n_layers)], [kept[i][1] for i in range(self.n_layers)]
-        self.sensitivity = self.fisher = None
-        by_sens = cfg.rank_allocation == "sensitivity" and cfg.method == "mla" and self.budget.uniform_rank is None
-        if by_sens or (cfg.value_metric == "fisher" and cfg.method == "mla"):
+        self.sensitivity = None
+        if cfg.rank_allocation == "sensitivity" and cfg.method == "mla" and self.budget.uniform_rank is None:
             from .sensitivity import layer_sensitivities
 
-            sens, fisher = layer_sensitivities(self, ids[: cfg.sensitivity_samples], seed=cfg.calib_seed,
-                                               keep_fisher=cfg.value_metric == "fisher")
-            self.sensitivity = sens if by_sens else None
-            if cfg.value_metric == "fisher":
-                self.fisher = []
-                for f in fisher:
-                    d = f.shape[0]
-                    self.fisher.append(f + cfg.fisher_shrink * torch.trace(f) / d * torch.eye(d))
+            self.sensitivity = layer_sensitivities(self, ids[: cfg.sensitivity_samples], seed=cfg.calib_seed)
         ranks = self._allocate(spectra)
         mla_cfg = self.mla_config(ranks, freq_idx)
         mla_cfg._attn_implementation = "sdpa"
@@ -303,8 +295,7 @@ class Converter:
         mu_u = stats.mean() if centred else torch.zeros_like(stats.mean())
         pos = (mla_cos.expand(x.shape[0], -1, -1), mla_sin.expand(x.shape[0], -1, -1))
         for alpha in alphas:
-            g = metric(stats, plan, tg, w, self.n_heads, alpha if alpha is not None else 1.0,
-                       self.fisher[i] if self.fisher is not None else None) if self.cfg.method == "mla" else None
+            g = metric(stats, plan, tg, w, self.n_heads, alpha if alpha is not None else 1.0) if self.cfg.method == "mla" else None
             fact = factorization(self.cfg.method, stats, tg, w, rank, g, self.cfg.centre)
             candidates = [(fact, "token")]
             refit = refit_values(fact, tg, stats, centre=mu_u) if self.cfg.method == "mla" else None

@@ -27,12 +27,8 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight.float() * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def layer_sensitivities(conv, ids: torch.Tensor, seed: int = 0, chunk: int = 256, keep_fisher: bool = False):
-    """``s_l`` for every layer of the :class:`~.pipeline.Converter`'s source, on the windows ``ids`` ``[B, T]``.
-
-    Returns ``(s, F)``: with ``keep_fisher``, ``F`` holds every layer's ``F_l`` (``[d, d]`` float32, per token),
-    else Nones.
-    """
+def layer_sensitivities(conv, ids: torch.Tensor, seed: int = 0, chunk: int = 256) -> list[float]:
+    """``s_l`` for every layer of the :class:`~.pipeline.Converter`'s source, on the windows ``ids`` ``[B, T]``."""
     c = conv.config
     cos, sin = conv._rope(ids.shape[1])
     w = conv.source.weights
@@ -66,7 +62,6 @@ def layer_sensitivities(conv, ids: torch.Tensor, seed: int = 0, chunk: int = 256
 
     # backward, one layer at a time: the gradient at the attention output and the activation's second moment
     sens = [0.0] * conv.n_layers
-    fishers = [None] * conv.n_layers
     for i in reversed(range(conv.n_layers)):
         layer = conv._layer(i)
         captured = {}
@@ -97,9 +92,7 @@ def layer_sensitivities(conv, ids: torch.Tensor, seed: int = 0, chunk: int = 256
         finally:
             handle.remove()
         sens[i] = float(0.5 * (gg / n_tok * (oo / n_tok)).sum())
-        if keep_fisher:
-            fishers[i] = (gg / n_tok).float()
         grad = grad_in
         inputs[i] = None
         conv.progress("sensitivity", conv.n_layers - i, conv.n_layers)
-    return sens, fishers
+    return sens
