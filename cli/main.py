@@ -153,7 +153,7 @@ def convert(
     rank: Optional[int] = typer.Option(None, help="Explicit uniform latent rank (instead of --kv-ratio; "
                                                   "with --rope-dim, default min(64, head_dim))."),
     rope_dim: Optional[int] = typer.Option(None, help="RoPE key dims kept per layer (default: all key dims at "
-                                                      "--kv-ratio 1, else min(64, head_dim, half the budget))."),
+                                                      "--kv-ratio 1, else a third of the budget, at most min(64, 3/4 head_dim))."),
     method: Optional[str] = typer.Option(None, help=f"mla (ours) | rorope-pca | weight-svd (baselines). {_d('method')}"),
     rank_allocation: Optional[str] = typer.Option(None, help="adaptive (eigen-tail) | uniform | sensitivity (eigen-tail "
                                                           "weighted by each layer's measured effect on the output). "
@@ -169,8 +169,9 @@ def convert(
                                                    f".jsonl/.parquet/.txt. {_d('calib')}"),
     calib_samples: Optional[int] = typer.Option(None, help=f"Calibration windows. {_d('calib_samples')}"),
     calib_seq_len: Optional[int] = typer.Option(None, help=f"Tokens per calibration window. {_d('calib_seq_len')}"),
-    calib_seed: Optional[int] = typer.Option(None, help="0: calibration documents in order; another value shuffles "
-                                                        f"them (another draw of the same corpus). {_d('calib_seed')}"),
+    calib_seed: Optional[int] = typer.Option(None, help="The calibration documents are shuffled with this seed before "
+                                                        "windows are cut (another seed: another draw of the same "
+                                                        f"corpus; 0: corpus order). {_d('calib_seed')}"),
     batch_size: Optional[int] = typer.Option(None, help=f"Calibration batch size. {_d('batch_size')}"),
     propagate: Optional[str] = typer.Option(None, help="Inputs of later layers: 'original' or 'converted' layers. "
                                                        f"{_d('propagate')}"),

@@ -181,7 +181,7 @@ def test_impossible_budgets_are_clear_errors(kw, message, tiny_src, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("kw, per_layer, rope", [({"kv_dim": 40}, 40, 16), ({"rank": 24, "rope_dim": 8}, 32, 8)])
+@pytest.mark.parametrize("kw, per_layer, rope", [({"kv_dim": 40}, 40, 12), ({"rank": 24, "rope_dim": 8}, 32, 8)])
 def test_kv_dim_and_rank_budgets_give_their_cache_size(kw, per_layer, rope, tiny_src, tmp_path):
     import json
 

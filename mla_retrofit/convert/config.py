@@ -33,7 +33,7 @@ class ConvertConfig(Config):
     calib: str = "builtin"
     calib_samples: int = Field(64, ge=1)
     calib_seq_len: int = Field(512, ge=16)
-    calib_seed: int = Field(0, ge=0)  # 0: the calibration documents in order; other: shuffled with this seed
+    calib_seed: int = Field(1, ge=0)  # documents shuffled with this seed before windows are cut; 0: corpus order
     batch_size: int = Field(8, ge=1)
     propagate: Literal["original", "converted"] = "original"
     eval_samples: int = Field(4, ge=1)
