@@ -26,9 +26,9 @@ class ConvertConfig(Config):
     rank: int | None = Field(None, ge=1)
     rope_dim: int | None = Field(None, ge=0)
     method: Literal["mla", "rorope-pca", "weight-svd"] = "mla"
-    rank_allocation: Literal["adaptive", "uniform", "sensitivity"] = "adaptive"
+    rank_allocation: Literal["adaptive", "uniform", "sensitivity"] = "sensitivity"
     sensitivity_samples: int = Field(4, ge=1)  # calibration windows the layer sensitivities are measured on
-    sensitivity_power: float = Field(1.0, ge=0, le=1)  # weights s_l ** power (0: the eigen-tail rule, adaptive)
+    sensitivity_power: float = Field(0.5, ge=0, le=1)  # weights s_l ** power (0: the eigen-tail rule, adaptive)
     min_rank_fraction: float = Field(0.25, gt=0, le=1)
     calib: str = "builtin"
     calib_samples: int = Field(64, ge=1)
