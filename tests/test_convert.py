@@ -290,7 +290,8 @@ def test_layer_sensitivity_predicts_the_kl_of_a_perturbation(tiny_src, tmp_path)
     src = tiny_src("qwen2", 3)
     conv = Converter(ConvertConfig(model=str(src), output=str(tmp_path / "o"), calib_samples=8, calib_seq_len=64))
     ids = conv._windows()
-    sens = layer_sensitivities(conv, ids)
+    with torch.no_grad():  # as a caller may convert; the estimate turns gradients back on for itself
+        sens = layer_sensitivities(conv, ids)
     model = AutoModelForCausalLM.from_pretrained(str(src), attn_implementation="sdpa").eval()
     eps = 1e-3
     with torch.no_grad():

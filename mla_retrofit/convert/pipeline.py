@@ -197,7 +197,9 @@ class Converter:
             del saved
         spectra, freq_idx = [kept[i][0] for i in range(self.n_layers)], [kept[i][1] for i in range(self.n_layers)]
         self.sensitivity = None
-        if cfg.rank_allocation == "sensitivity" and cfg.method == "mla" and self.budget.uniform_rank is None:
+        b = self.budget
+        if (cfg.rank_allocation == "sensitivity" and cfg.method == "mla" and b.uniform_rank is None
+                and b.latent_total_per_layer < b.full - b.rope_dim):  # (at full budget every layer gets full rank)
             from .sensitivity import layer_sensitivities
 
             self.sensitivity = layer_sensitivities(self, ids[: cfg.sensitivity_samples], seed=cfg.calib_seed)

@@ -29,6 +29,11 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 def layer_sensitivities(conv, ids: torch.Tensor, seed: int = 0, chunk: int = 256) -> list[float]:
     """``s_l`` for every layer of the :class:`~.pipeline.Converter`'s source, on the windows ``ids`` ``[B, T]``."""
+    with torch.enable_grad():  # also when the caller converts inside ``torch.no_grad()``
+        return _sensitivities(conv, ids, seed, chunk)
+
+
+def _sensitivities(conv, ids: torch.Tensor, seed: int, chunk: int) -> list[float]:
     c = conv.config
     cos, sin = conv._rope(ids.shape[1])
     w = conv.source.weights
