@@ -33,6 +33,12 @@ def plan(model: str, kv_ratio=None, kv_dim=None, rank=None, rope_dim=None, dtype
     # measured at the Qwen2.5-1.5B shape (docs/benchmarks.md §2): runtime + the embedding table in bf16 +
     # one source layer and its MLA replacement in fp32 + calibration activations in and out
     convert_peak = 0.5e9 + params["embedding"] * 2 + params["per_layer"] * 4 * 2 + 2 * act
+    # the sensitivity pass (rank allocation, docs/method.md §4), computed not measured: the output head in fp32,
+    # every layer's input on 4 windows, one layer with its gradients
+    sensitivity_peak = (0.5e9 + params["embedding"] * (2 + 4) + 4 * calib_seq_len * c.hidden_size * 4 * (L + 2)
+                        + params["per_layer"] * 4 * 3)
+    if rank is None:
+        convert_peak = max(convert_peak, sensitivity_peak)
     heal_bytes = params["total"] * (2 + 2 + 12) + params["total"] * 2  # bf16 weights+grads, fp32 Adam+master, teacher
     return {
         "architecture": f"{c.model_type} ({spec.notes})",
@@ -50,7 +56,7 @@ def plan(model: str, kv_ratio=None, kv_dim=None, rank=None, rope_dim=None, dtype
         "rank_plan": {
             "rope_dim": budget.rope_dim,
             "latent_rank_per_layer": budget.uniform_rank or budget.latent_total_per_layer,
-            "allocation": "uniform" if rank is not None else "adaptive (decided from calibration; mean shown)",
+            "allocation": "uniform" if rank is not None else "by measured sensitivity (decided from calibration; mean shown)",
         },
         "convert_memory_estimate_gb": round(convert_peak / 1e9, 2),
         "heal_memory_estimate_gb": round(heal_bytes / 1e9, 1),
