@@ -14,7 +14,7 @@ like the activation's own), ``E[(g^T delta)^2] = eps * g^T Sigma g`` with ``eps`
     s_l = 1/2 * tr(F_l Sigma_l)        (nats per token per unit of relative attention-output error)
 
 and ``s_l * eps_l`` predicts layer ``l``'s share of the end-to-end KL. The rank allocation weighs each layer's
-relative spectral tail by ``s_l``.
+relative spectral tail by ``s_l ** p`` (``--sensitivity-power``).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _sensitivities(conv, ids: torch.Tensor, seed: int, chunk: int) -> list[float
     # backward, one layer at a time: the gradient at the attention output and the activation's second moment
     sens = [0.0] * conv.n_layers
     for i in reversed(range(conv.n_layers)):
-        layer = conv._layer(i)
+        layer = conv._layer(i).requires_grad_(False)  # gradients for its activations only, not its weights
         captured = {}
 
         def keep(_mod, _args, out):
