@@ -122,27 +122,26 @@ def measured_drop_cost(stats: LayerStats, mix, inv_freq, n_heads, attention_scal
     mixf = mix.float()
     cost = torch.zeros(n_kv, h // 2, dtype=torch.float64)
     for q, k, attn in stats.samples:
-        # k: [n_kv, T, h] -> mixed components per frequency: kappa'_p = sum_j U_t[p, j] kappa_j
-        k_mixed = torch.empty_like(k)
-        half = h // 2
-        k_mixed[..., :half] = torch.einsum("tpj,jnt->pnt", mixf, k[..., :half])
-        k_mixed[..., half:] = torch.einsum("tpj,jnt->pnt", mixf, k[..., half:])
-        cost += rope.drop_rotation_cost(q, k_mixed, attn, mixf, inv_freq.float(), group, attention_scaling)
+        cost += rope.drop_rotation_cost(q, _mixed_keys(k, mixf), attn, mixf, inv_freq.float(), group, attention_scaling)
     return cost
+
+
+def _mixed_keys(k: torch.Tensor, mixf: torch.Tensor) -> torch.Tensor:
+    """``k [n_kv, T, h]`` -> mixed components per frequency: ``kappa'_p = sum_j U_t[p, j] kappa_j``."""
+    half = k.shape[-1] // 2
+    k_mixed = torch.empty_like(k)
+    k_mixed[..., :half] = torch.einsum("tpj,jnt->pnt", mixf, k[..., :half])
+    k_mixed[..., half:] = torch.einsum("tpj,jnt->pnt", mixf, k[..., half:])
+    return k_mixed
 
 
 def averaged_rotation(stats: LayerStats, mix, inv_freq, n_heads, attention_scaling=1.0):
     """``(rot, cost)``: :func:`rope.fit_averaged_rotation` on the layer's sampled sequences."""
-    n_kv, h = stats.n_kv, stats.head_dim
-    group = torch.arange(n_heads) // (n_heads // n_kv)
+    group = torch.arange(n_heads) // (n_heads // stats.n_kv)
     mixf = mix.float()
     sums = None
     for q, k, attn in stats.samples:
-        k_mixed = torch.empty_like(k)
-        half = h // 2
-        k_mixed[..., :half] = torch.einsum("tpj,jnt->pnt", mixf, k[..., :half])
-        k_mixed[..., half:] = torch.einsum("tpj,jnt->pnt", mixf, k[..., half:])
-        part = rope.averaged_rotation_sums(q, k_mixed, attn, inv_freq.float(), attention_scaling)
+        part = rope.averaged_rotation_sums(q, _mixed_keys(k, mixf), attn, inv_freq.float(), attention_scaling)
         sums = part if sums is None else tuple(a + b for a, b in zip(sums, part))
     return rope.fit_averaged_rotation(*sums, mix, group)
 
@@ -199,7 +198,7 @@ def metric(stats: LayerStats, plan: LayerPlan, tg: Targets, w: AttnWeights, n_he
     tau_v = torch.trace(g_v @ tg.cov[n_k:, n_k:]).clamp_min(1e-30)
     out[n_k:, n_k:] = g_v / tau_v
     if n_k:
-        b = rope.query_maps(plan.mix.double(), plan.dropped, h, getattr(plan, "rot", None))  # [n_kv, n_k, h]
+        b = rope.query_maps(plan.mix.double(), plan.dropped, h, plan.rot)  # [n_kv, n_k, h]
         g_k = torch.einsum("gah,ghe,gbe->ab", b, stats.query_m2(), b)
         tau_k = torch.trace(g_k @ tg.cov[:n_k, :n_k]).clamp_min(1e-30)
         out[:n_k, :n_k] = alpha * g_k / tau_k
@@ -269,7 +268,7 @@ def attention_state(
         a_w = torch.cat([d_u @ w_kv, tg.m_rope @ w.w_k])
         a_b = torch.cat([d_u @ (b_kv - mu_u), tg.m_rope @ b_kv[:n]])
     up_k, up_v = fact.up[: tg.n_k], fact.up[tg.n_k :]
-    b = rope.query_maps(plan.mix.double(), plan.dropped, h, getattr(plan, "rot", None))  # [n_kv, n_k, h]
+    b = rope.query_maps(plan.mix.double(), plan.dropped, h, plan.rot)  # [n_kv, n_k, h]
     k_up = torch.einsum("gah,ar->ghr", b, up_k).reshape(n, -1) if tg.n_k else torch.zeros(n, fact.rank, dtype=torch.float64)
     mean_v = (fact.mean[tg.n_k :]).view(n_kv, h).repeat_interleave(n_heads // n_kv, 0).flatten()
     b_o = (w.b_o if w.b_o is not None else zeros(w.w_o.shape[0])) + w.w_o @ mean_v
