@@ -44,6 +44,8 @@ def heal(
     lr: Optional[float] = typer.Option(None, help="Peak learning rate of phases 1 and 2."),
     distill: Optional[float] = typer.Option(None, help=f"Phases 2-3: weight of KL(teacher || student). {_d('distill')}"),
     ce_weight: Optional[float] = typer.Option(None, help=f"Phase 2: weight of next-token loss. {_d('ce_weight')}"),
+    hidden_weight: Optional[float] = typer.Option(None, help="Phases 2-3: weight of matching every layer's "
+                                                  f"residual stream to the teacher's (relative error). {_d('hidden_weight')}"),
     full_ce_weight: Optional[float] = typer.Option(None, help="Phase 3: weight of next-token loss (default: "
                                                    f"{BASE['full_ce_weight']}; gpu-7b preset: "
                                                    f"{PRESETS['gpu-7b']['full_ce_weight']})."),

@@ -19,7 +19,7 @@ from mla_retrofit.heal import HealConfig, heal  # noqa: E402
 from mla_retrofit.heal import models, state as heal_state  # noqa: E402
 from mla_retrofit.heal.data import PackedStream, split_dev  # noqa: E402
 from mla_retrofit.sources import load_tokenizer  # noqa: E402
-from mla_retrofit.heal.losses import ce_targets, distill_sums, kl_per_token  # noqa: E402
+from mla_retrofit.heal.losses import ce_targets, distill_sums, kl_per_token, residual_match_sum  # noqa: E402
 from mla_retrofit.heal.state import latest_checkpoint, read_state  # noqa: E402
 
 
@@ -234,6 +234,57 @@ def test_heal_of_a_deepseek_export_trains_and_writes_a_stock_checkpoint(converte
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(".self_attn.kv_a_proj_with_mqa." in k for k in changed)
     assert not any("embed_tokens" in k or "lm_head" in k for k in changed)
+
+
+# -- matching the residual stream -----------------------------------------------------------------------
+def test_residual_match_is_each_positions_relative_error_averaged_over_layers():
+    t = [torch.tensor([[[3.0, 4.0], [30.0, 40.0]]]), torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])]
+    h = [t[0] + torch.tensor([[[0.0, 5.0], [0.0, 5.0]]]), t[1] + torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])]
+    # layer 0: 25/25 and 25/2500 (the large position is not allowed to swamp the small one); layer 1: 1/1 and 0
+    expected = ((1.0 + 0.01) + (1.0 + 0.0)) / 2
+    torch.testing.assert_close(residual_match_sum(h, t, torch.ones(1, 2)), torch.tensor(expected))
+    torch.testing.assert_close(residual_match_sum(h, t, torch.tensor([[0.0, 1.0]])), torch.tensor(0.01 / 2))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_layer_taps_line_up_layer_for_layer_so_an_exact_student_matches_at_zero(converted, tiny_src, family):
+    from mla_retrofit.sources import load_model
+
+    teacher = load_model(str(tiny_src(family)))
+    ids = torch.randint(1, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(24).expand(2, 24)
+    with torch.no_grad(), models.LayerTap(teacher.model) as t_tap:
+        teacher.model(input_ids=ids, position_ids=pos, use_cache=False)
+    for ratio, exact in ((1.0, True), (0.5, False)):
+        student = models.load_student(str(converted(family, ratio))).eval()
+        with torch.no_grad(), models.LayerTap(student.model) as s_tap:
+            student.model(input_ids=ids, position_ids=pos, use_cache=False)
+        assert len(s_tap.states) == len(t_tap.states) == teacher.config.num_hidden_layers
+        err = float(residual_match_sum(s_tap.states, t_tap.states, torch.ones(2, 24))) / ids.numel()
+        assert (err < 1e-8) if exact else (err > 1e-4), (ratio, err)
+
+
+def test_a_heal_on_the_residual_match_alone_lowers_it(setup, tmp_path):
+    from mla_retrofit.sources import load_model
+
+    from mla_retrofit.data import heal_records
+
+    teacher = load_model(str(setup / "src"))
+    ids, pos, _ = PackedStream(heal_records("builtin-chat"), load_tokenizer(str(setup / "mla")), 32, seed=1).take(4)
+
+    def mismatch(directory: Path) -> float:
+        student = models.load_student(str(directory)).eval()
+        with torch.no_grad(), models.LayerTap(teacher.model) as t, models.LayerTap(student.model) as s:
+            teacher.model(input_ids=ids, position_ids=pos, use_cache=False)
+            student.model(input_ids=ids, position_ids=pos, use_cache=False)
+        return float(residual_match_sum(s.states, t.states, torch.ones(4, 32))) / ids.numel()
+
+    out = tmp_path / "hidden"
+    heal(config(setup, out, distill=0.0, hidden_weight=1.0, split=(0, 1, 0), steps=20))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len([r["hidden"] for r in rows if r.get("phase") == "mla-only"]) == 20
+    before, after = mismatch(setup / "mla"), mismatch(out)
+    assert after < 0.9 * before, (before, after)
 
 
 # -- the closed-form refit ---------------------------------------------------------------------------

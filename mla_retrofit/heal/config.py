@@ -66,6 +66,7 @@ class HealConfig(Config):
     resume: bool = False
     distill: float = 1.0  # phases 2 and 3: weight of KL(teacher || student), every position, full vocabulary
     ce_weight: float = 0.0  # phase 2: weight of next-token loss on the target tokens
+    hidden_weight: float = 0.0  # phases 2 and 3: weight of matching every layer's residual stream to the teacher's
     full_ce_weight: float | None = None  # phase 3: the same (gpu-7b: 0.1 on instruction data)
     loss_chunk: int | None = None  # tokens per slice (default 1024; gpu-7b 256) of the chunked KL (no full B x T x V float32 tensor)
     dev_fraction: float = 0.05  # share of the training documents held out as the dev split of the gate
@@ -119,13 +120,13 @@ class HealConfig(Config):
         _check_split(self.split)
         if self.warmup_fraction is not None and not 0 <= self.warmup_fraction < 1:
             raise UserError(f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}")
-        for name in ("distill", "ce_weight", "full_ce_weight", "max_grad_norm", "weight_decay", "eval_every",
+        for name in ("distill", "ce_weight", "hidden_weight", "full_ce_weight", "max_grad_norm", "weight_decay", "eval_every",
                      "refit_ridge"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-        if self.distill == 0 and self.ce_weight == 0 and self.split[1] > 0:
-            raise UserError("phase 2 has no objective: --distill and --ce-weight are both 0")
+        if self.distill == 0 and self.ce_weight == 0 and self.hidden_weight == 0 and self.split[1] > 0:
+            raise UserError("phase 2 has no objective: --distill, --ce-weight and --hidden-weight are all 0")
         if not 0 <= self.dev_fraction < 0.5:
             raise UserError(f"--dev-fraction must be in [0, 0.5), got {self.dev_fraction}")
         if not 0 < self.sample_top_p <= 1:

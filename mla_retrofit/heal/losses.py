@@ -46,6 +46,21 @@ def ce_targets(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | 
     return target.long(), keep
 
 
+def residual_match_sum(states: list[torch.Tensor], targets: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Sum over positions of the mean over layers of ``|h - t|^2 / |t|^2``, each position's own relative error.
+
+    ``states``/``targets``: every layer's output ``[B, T, d]`` for student and teacher; ``mask``: ``[B, T]``
+    0/1 weights. Normalising per position keeps the few positions with very large residual norms (the first
+    token of a sequence, in most models) from dominating the sum.
+    """
+    total = states[0].new_zeros((), dtype=torch.float32)
+    for h, t in zip(states, targets):
+        t = t.float()
+        err = (h.float() - t).square().sum(-1) / t.square().sum(-1).clamp_min(1e-12)
+        total = total + (err * mask.float()).sum()
+    return total / max(len(states), 1)
+
+
 @dataclass
 class LossSums:
     kl: torch.Tensor  # sum of KL(teacher || model) over the distilled positions

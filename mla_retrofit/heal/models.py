@@ -259,3 +259,28 @@ class HiddenTap:
 
     def __exit__(self, *exc) -> None:
         self.handle.remove()
+
+
+class LayerTap:
+    """Records every decoder layer's output hidden state (the residual stream) during a forward.
+
+    Hooks ``module.layers`` (the decoder stack of any family, the DeepSeek-V3 form included), so it works
+    through DDP/FSDP wrappers; ``states[l]`` is layer ``l``'s output, in the autograd graph when training.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.layers = list(module.layers)
+        self.states: list[torch.Tensor] = []
+        self.handles: list = []
+
+    def _hook(self, _module, _args, output):
+        self.states.append(output[0] if isinstance(output, tuple) else output)
+
+    def __enter__(self) -> LayerTap:
+        self.states = []
+        self.handles = [layer.register_forward_hook(self._hook) for layer in self.layers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()

@@ -22,6 +22,7 @@ holds the weights it started from) unless ``keep_last``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -43,7 +44,7 @@ from .engine import make_engine, rng_state, seed_everything, set_rng_state
 from .gate import DevScore, dev_score
 from .loop import Batch, PhaseResult, PhaseRun, lr_lambda
 from .output import OutputMixin, saved_dtype
-from .losses import distill_sums, imitation_loss
+from .losses import distill_sums, imitation_loss, residual_match_sum
 from .models import causal_mask
 from .plan import PhasePlan, Plan, make_plan
 from .refit import refit_output_projections
@@ -346,20 +347,29 @@ class HealRecipe(OutputMixin):
             return self.imitation_loss(student, wrapped, batch), {}
         ce_weight = self.cfg.ce_weight if phase.name == "mla-only" else self.cfg.full_ce_weight
         teacher, teacher_hidden = self.teacher(), None
-        if self.cfg.distill > 0:
-            with torch.no_grad():
+        match = self.cfg.hidden_weight > 0
+        teacher_layers = models.LayerTap(teacher.model) if match else contextlib.nullcontext()
+        if self.cfg.distill > 0 or match:
+            with torch.no_grad(), teacher_layers:
                 teacher_hidden = teacher.model(input_ids=batch.ids, position_ids=batch.positions,
                                                use_cache=False).last_hidden_state
-        with models.HiddenTap(student.model) as tap:  # through the wrapper (DDP/FSDP hooks), one logit position only
+        student_layers = models.LayerTap(student.model) if match else contextlib.nullcontext()
+        with models.HiddenTap(student.model) as tap, student_layers:  # through the wrapper, one logit position only
             wrapped(input_ids=batch.ids, position_ids=batch.positions, use_cache=False, logits_to_keep=1)
-        sums = distill_sums(tap.hidden, student.lm_head, teacher_hidden, teacher.lm_head, batch.kd_mask,
-                            batch.target, batch.ce_mask if ce_weight > 0 else None, self.cfg.loss_chunk)
+        sums = distill_sums(tap.hidden, student.lm_head, teacher_hidden if self.cfg.distill > 0 else None,
+                            teacher.lm_head, batch.kd_mask, batch.target, batch.ce_mask if ce_weight > 0 else None,
+                            self.cfg.loss_chunk)
         kl = sums.kl / counts[0].clamp_min(1.0)
         ce = sums.ce / counts[1].clamp_min(1.0)
         loss = self.cfg.distill * kl + ce_weight * ce
         parts = {"kl": float(kl.detach())}
         if ce_weight > 0:
             parts["ce"] = float(ce.detach())
+        if match:
+            hid = residual_match_sum(student_layers.states, teacher_layers.states, batch.kd_mask)
+            hid = hid / counts[0].clamp_min(1.0)
+            loss = loss + self.cfg.hidden_weight * hid
+            parts["hidden"] = float(hid.detach())
         return loss, parts
 
     def imitation_loss(self, student, wrapped, batch: Batch) -> torch.Tensor:
