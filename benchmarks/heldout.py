@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=24)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--buckets", type=int, default=4, help="also give the KL over this many spans of positions")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,13 +95,16 @@ def main() -> None:
     ids = windows(load_tokenizer(args.baseline), args.windows, args.seq_len)
     rows = []
     for name in args.models:
-        f = compare(load_model(name), baseline, ids)
+        f = compare(load_model(name), baseline, ids, buckets=args.buckets)
         row = {"model": name, "text": f"Austen, Persuasion ({ids.numel()} tokens)", **f.as_dict()}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\n{'model':<44} {'ppl ratio':>9} {'KL':>7} {'top-1':>6}")
+    span = (args.seq_len - 1) / max(args.buckets, 1)
+    spans = "  ".join(f"{round(i * span)}-{round((i + 1) * span) - 1}" for i in range(args.buckets))
+    print(f"\n{'model':<44} {'ppl ratio':>9} {'KL':>7} {'top-1':>6}   KL by position ({spans})")
     for r in rows:
-        print(f"{r['model']:<44} {r['ppl_ratio']:>9.3f} {r['kl']:>7.4f} {r['top1_agreement']:>6.1%}")
+        by = " ".join(f"{v:.3f}" for v in r["kl_by_position"])
+        print(f"{r['model']:<44} {r['ppl_ratio']:>9.3f} {r['kl']:>7.4f} {r['top1_agreement']:>6.1%}   {by}")
 
 
 if __name__ == "__main__":

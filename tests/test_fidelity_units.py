@@ -34,6 +34,29 @@ def test_kl_direction_top1_and_perplexities_on_known_distributions():
     assert same.kl == pytest.approx(0.0, abs=1e-7) and same.top1_agreement == 1.0
 
 
+class LateDrift(Fixed):
+    """Agrees with the baseline at the first half of the positions, then gives ``late`` instead."""
+
+    def __init__(self, probs, late):
+        super().__init__(probs)
+        self.late = torch.tensor(late).log()
+
+    def __call__(self, ids, use_cache=False):
+        out = super().__call__(ids)
+        out.logits[:, ids.shape[1] // 2 :] = self.late
+        return out
+
+
+def test_kl_by_position_locates_a_late_drift_and_averages_to_the_kl():
+    baseline, model = Fixed([0.3, 0.7]), LateDrift([0.3, 0.7], [0.9, 0.1])
+    ids = torch.ones(3, 9, dtype=torch.long)  # 8 scored positions per row: 4 agree, then 4 drift
+    f = compare(model, baseline, ids, batch_size=2, buckets=2)
+    kl_bm = 0.3 * math.log(0.3 / 0.9) + 0.7 * math.log(0.7 / 0.1)
+    assert f.kl_by_position == pytest.approx([0.0, kl_bm], abs=1e-6)
+    assert f.kl == pytest.approx(sum(f.kl_by_position) / 2, rel=1e-6)
+    assert compare(model, baseline, ids).kl_by_position == []
+
+
 def test_calibration_seed_draws_other_windows_reproducibly():
     from mla_retrofit import data
     from tests.tiny import tiny_tokenizer

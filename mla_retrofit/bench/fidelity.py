@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ class Fidelity:
     ppl_baseline: float
     kl: float  # mean KL(baseline || model) per token, nats
     top1_agreement: float
+    kl_by_position: list[float] = field(default_factory=list)  # mean KL per equal span of positions (``buckets``)
 
     @property
     def ppl_ratio(self) -> float:
@@ -28,10 +29,15 @@ class Fidelity:
 
 
 @torch.no_grad()
-def compare(model, baseline, ids: torch.Tensor, batch_size: int = 2, progress=None) -> Fidelity:
-    """Both models score ``ids`` (``[N, T]``); next-token statistics over all ``N * (T - 1)`` positions."""
+def compare(model, baseline, ids: torch.Tensor, batch_size: int = 2, progress=None, buckets: int = 0) -> Fidelity:
+    """Both models score ``ids`` (``[N, T]``); next-token statistics over all ``N * (T - 1)`` positions.
+
+    ``buckets`` > 0 also gives the mean KL over each of that many equal spans of positions (the first
+    span holds the earliest positions): where in a window the model departs from its baseline.
+    """
     nll_m = nll_b = kl = agree = 0.0
     count = 0
+    by_position = torch.zeros(ids.shape[1] - 1, dtype=torch.float64)
     for s in range(0, ids.shape[0], batch_size):
         x = ids[s : s + batch_size]
         lm = F.log_softmax(model(x, use_cache=False).logits[:, :-1].float(), dim=-1)
@@ -39,7 +45,9 @@ def compare(model, baseline, ids: torch.Tensor, batch_size: int = 2, progress=No
         target = x[:, 1:].unsqueeze(-1)
         nll_m += float(-lm.gather(-1, target).sum())
         nll_b += float(-lb.gather(-1, target).sum())
-        kl += float(kl_from_log_probs(lm, lb).sum())
+        kl_tokens = kl_from_log_probs(lm, lb)
+        kl += float(kl_tokens.sum())
+        by_position += kl_tokens.double().sum(0)
         agree += float(top1_agreement(lm, lb).sum())
         count += target.numel()
         if progress:
@@ -50,4 +58,5 @@ def compare(model, baseline, ids: torch.Tensor, batch_size: int = 2, progress=No
         ppl_baseline=math.exp(nll_b / count),
         kl=kl / count,
         top1_agreement=agree / count,
+        kl_by_position=[float(c.mean()) / ids.shape[0] for c in by_position.chunk(buckets)] if buckets else [],
     )

@@ -129,7 +129,7 @@ def run_bench(cfg: BenchConfig, progress=None, command: str | None = None) -> di
         say("fidelity")
         ids = data.token_windows(data.texts(cfg.text, tokenizer), tokenizer, cfg.eval_samples, cfg.eval_seq_len)
         ids = ids.to(device)
-        result["fidelity"] = {"text": cfg.text, **fid.compare(model, baseline, ids).as_dict()}
+        result["fidelity"] = {"text": cfg.text, **fid.compare(model, baseline, ids, buckets=4).as_dict()}
     if cfg.speed:
         if baseline is None:
             raise UserError("speed comparison needs a baseline: pass --baseline ORIGINAL_MODEL")
