@@ -332,7 +332,7 @@ def test_config_validation_and_presets(mla_dir, tmp_path):
     with pytest.raises(UserError, match="preset"):
         config(mla_dir, tmp_path, preset="huge").resolved()
     demo = HealConfig(model="m", output="o", preset="cpu-demo").resolved()
-    assert demo.steps == PRESETS["cpu-demo"]["steps"] and demo.seq_len == 256
+    assert demo.steps == PRESETS["cpu-demo"]["steps"] and demo.seq_len == PRESETS["cpu-demo"]["seq_len"] == 512
     assert HealConfig(model="m", output="o", preset="cpu-demo", seq_len=64).resolved().seq_len == 64
     big = HealConfig(model="m", output="o", preset="gpu-7b").resolved()
     assert big.steps is None and big.tokens == PRESETS["gpu-7b"]["tokens"]
