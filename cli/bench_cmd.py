@@ -164,8 +164,7 @@ def print_bench(result: dict) -> None:
                       f"top-1 agreement {fid['top1_agreement']:.1%}", highlight=False)
         if fid.get("kl_by_position"):
             quarters = ", ".join(f"{v:.3f}" for v in fid["kl_by_position"])
-            console.print(f"KL by quarter of the window, first to last: {quarters} (the heal fixes the positions "
-                          "it trains on: heal at the context length you serve)", highlight=False)
+            console.print(f"KL by quarter of the window, first to last: {quarters}", highlight=False)
     sp = result.get("speed")
     if sp:
         t = Table(title=f"speed, batch {sp[0]['batch']} (tokens/s: model / baseline)")
