@@ -7,6 +7,8 @@ that the recipe runs and writes next to its output.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import model_validator
 
 from ..data import SMOLTALK, TEACHER_SAMPLES
@@ -82,6 +84,7 @@ class HealConfig(Config):
     sample_tokens: int | None = None  # teacher-samples: new tokens per text (default: seq_len)
     sample_top_p: float = 1.0  # teacher-samples: nucleus mass at temperature 1 (1.0: plain sampling)
     gradient_checkpointing: bool | None = None
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # matmuls of training and sampling; auto: bf16 on CUDA and AMX CPUs
     dry_run: bool = False
     seed: int = 0
     overwrite: bool = False

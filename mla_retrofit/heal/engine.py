@@ -2,7 +2,9 @@
 ``accelerate launch``).
 
 The recipe talks only to :class:`Engine`; nothing here knows about healing.
-bf16 autocast is used on CUDA only; CPU runs in float32.
+Precision (``--precision``): ``auto`` runs bf16 autocast where the hardware multiplies bf16 natively
+(CUDA, and CPUs with AMX tiles, where a bf16 matrix product measured 7.5x the float32 one on this
+project's 2-core Xeon) and float32 elsewhere. Weights, optimizer states and the losses stay float32.
 """
 
 from __future__ import annotations
@@ -14,8 +16,25 @@ from torch import nn
 
 
 
-def make_engine() -> Engine:
-    return Engine()
+def make_engine(precision: str = "auto") -> Engine:
+    return Engine(precision)
+
+
+def resolve_precision(precision: str, cuda: bool | None = None) -> str:
+    """``auto`` -> ``bf16`` on CUDA or on a CPU with AMX (native bf16 matrix products), else ``fp32``."""
+    if precision != "auto":
+        return precision
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return "bf16" if cuda or cpu_has_bf16_matmul() else "fp32"
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU has AMX tiles (bf16 matrix products in hardware)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
 
 
 class Engine:
@@ -25,12 +44,13 @@ class Engine:
     per step (a 4-layer tiny heal: the same per-step time, 0.5 s more set-up), so there is only this one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, precision: str = "auto") -> None:
         from accelerate import Accelerator
         from accelerate.utils import DistributedType
 
         cuda = torch.cuda.is_available()
-        self.acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+        self.precision = resolve_precision(precision, cuda)
+        self.acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if self.precision == "bf16" else "no")
         self.device = self.acc.device
         self.num_processes, self.process_index = self.acc.num_processes, self.acc.process_index
         self.sharded = self.acc.distributed_type == DistributedType.FSDP

@@ -96,7 +96,7 @@ class HealRecipe(OutputMixin):
         if self.cfg.dry_run:
             plan = self.make_plan(int(os.environ.get("WORLD_SIZE", "1")))
             return HealResult(output=str(self.out), plan=plan, dry_run=True)
-        self.engine = make_engine()
+        self.engine = make_engine(self.cfg.precision)
         self.plan = self.make_plan(self.engine.num_processes)
         done = self.finished_result()
         if done is not None:
@@ -124,13 +124,15 @@ class HealRecipe(OutputMixin):
         if cfg.data != TEACHER_SAMPLES:
             return heal_records(cfg.data, cfg.max_rows, cfg.seed)
         path = self.out / "data" / "teacher-samples.jsonl"
-        wanted = samples.settings(cfg.samples, cfg.sample_tokens, cfg.seed, cfg.sample_top_p, self.plan.teacher)
+        wanted = samples.settings(cfg.samples, cfg.sample_tokens, cfg.seed, cfg.sample_top_p, self.plan.teacher,
+                                  self.engine.precision)
         texts = samples.read_cached(path, wanted)
         if texts is None:
             if self.engine.is_main:
                 report = lambda done, total: self.progress("samples", done, total, {})  # noqa: E731
-                texts = samples.sample(self.teacher(), self.tokenizer, cfg.samples, cfg.sample_tokens, cfg.seed,
-                                       cfg.sample_top_p, progress=report)
+                with self.engine.autocast():
+                    texts = samples.sample(self.teacher(), self.tokenizer, cfg.samples, cfg.sample_tokens, cfg.seed,
+                                           cfg.sample_top_p, progress=report)
                 samples.write(path, wanted, texts)
             self.engine.wait()
             texts = samples.read_cached(path, wanted)
@@ -232,7 +234,7 @@ class HealRecipe(OutputMixin):
     def teacher(self):
         if self._teacher is None:
             device = self.engine.device
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            dtype = torch.bfloat16 if self.engine.precision == "bf16" else torch.float32
             self._teacher = models.load_teacher(self.plan.teacher, dtype).to(device)
         return self._teacher
 
