@@ -321,3 +321,70 @@ def test_refit_lands_each_layer_closer_to_the_teachers_residual_stream(setup, tm
     result = heal(config(setup, tmp_path / "out", refit=True, steps=2, split=(0, 1, 0), keep_last=False))
     assert [p.name for p in result.phases] == ["refit", "mla-only"]
     assert result.phases[0].dev_kl_before == result.evals[0]["kl"]
+
+
+# -- precision and the teacher-sample sampler ------------------------------------------------------------
+def test_inverse_cdf_draw_follows_the_softmax():
+    from mla_retrofit.heal.samples import draw
+
+    torch.manual_seed(0)
+    logits = torch.tensor([[0.0, 1.0, -1.0, 2.0, -30.0, 0.5]])
+    p = logits.softmax(-1)[0]
+    idx = draw(logits.expand(200_000, -1)).flatten()
+    freq = torch.bincount(idx, minlength=6).double() / idx.numel()
+    assert (freq - p.double()).abs().max() < 4e-3
+    assert freq[4] == 0  # probability 1e-14: never drawn
+
+
+def test_inverse_cdf_sampler_leaves_one_token_and_respects_top_p():
+    from transformers import TopPLogitsWarper
+
+    from mla_retrofit.heal.samples import InverseCdfSampler
+
+    torch.manual_seed(1)
+    scores = torch.tensor([[3.0, 2.0, 0.0, -1.0]]).expand(4000, -1)
+    kept = TopPLogitsWarper(0.8)(None, scores.clone())  # the two likeliest tokens hold 0.9 of the mass
+    out = InverseCdfSampler()(None, kept)
+    assert torch.isfinite(out).sum(-1).eq(1).all()
+    picked = out.argmax(-1)
+    assert set(picked.tolist()) == {0, 1}
+
+
+def test_teacher_samples_are_reproducible_and_continue_the_prompts(tmp_path):
+    from mla_retrofit.heal import samples
+
+    src = tmp_path / "src"
+    save_tiny("llama", src)
+    teacher, tok = models.load_teacher(str(src)), load_tokenizer(str(src))
+    a = samples.sample(teacher, tok, 3, 6, seed=5, batch_size=2)
+    b = samples.sample(teacher, tok, 3, 6, seed=5, batch_size=2)
+    c = samples.sample(teacher, tok, 3, 6, seed=6, batch_size=2)
+    prompts = samples.prompts(tok)
+    assert a == b and a != c
+    assert all(text.startswith(prompts[i]) and len(text) > len(prompts[i]) for i, text in enumerate(a))
+
+
+@pytest.mark.parametrize("asked,cuda,amx,expected", [
+    ("auto", True, False, "bf16"), ("auto", False, True, "bf16"), ("auto", False, False, "fp32"),
+    ("fp32", True, True, "fp32"), ("bf16", False, False, "bf16")])
+def test_precision_auto_means_bf16_only_where_the_hardware_has_it(monkeypatch, asked, cuda, amx, expected):
+    from mla_retrofit.heal import engine
+
+    monkeypatch.setattr(engine, "cpu_has_bf16_matmul", lambda: amx)
+    assert engine.resolve_precision(asked, cuda=cuda) == expected
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_engine_autocasts_matmuls_only_in_bf16(precision):
+    from mla_retrofit.heal.engine import Engine
+
+    engine = Engine(precision)
+    lin = torch.nn.Linear(8, 8)
+    with engine.autocast():
+        dtype = lin(torch.randn(2, 8)).dtype
+    assert dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+
+
+def test_bad_precision_is_a_one_line_error(setup, tmp_path):
+    with pytest.raises(UserError, match="--precision"):
+        config(setup, tmp_path / "o", precision="fp16")

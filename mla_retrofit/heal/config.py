@@ -25,12 +25,13 @@ BASE: dict = dict(
 
 #: ``cpu-demo``: SmolLM2-135M on a 2-core CPU, fully offline, distilling on text sampled from the
 #: teacher (docs/benchmarks.md has its wall time and effect). Windows of 512 tokens, not 256 at the same
-#: tokens per step: the heal repairs the positions it trains on (§7 measures the KL by position).
+#: tokens per step: the heal repairs the positions it trains on (§7 measures the KL by position). Sized
+#: for bf16 autocast on an AMX CPU (about 25 minutes); in float32 it takes about twice as long.
 #: ``gpu-7b``: a distillation budget for 7B models on one 8-GPU node (``accelerate launch``); SmolTalk
 #: when the Hub is reachable, with a little next-token loss in phase 3. Not checked on a GPU yet.
 PRESETS: dict[str, dict] = {
     "cpu-demo": dict(
-        data=TEACHER_SAMPLES, samples=96, steps=160, seq_len=512, batch_size=2, grad_accum=1, lr=1e-4,
+        data=TEACHER_SAMPLES, samples=192, steps=320, seq_len=512, batch_size=2, grad_accum=1, lr=1e-4,
         full_lr_scale=0.2, warmup_fraction=0.1, save_every=20,
     ),
     "gpu-7b": dict(

@@ -50,7 +50,10 @@ class Engine:
 
         cuda = torch.cuda.is_available()
         self.precision = resolve_precision(precision, cuda)
-        self.acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if self.precision == "bf16" else "no")
+        # On a CPU the autocast is ours (``autocast``): Accelerate's mixed-precision setting is process-wide
+        # and cannot change between two heals in one process.
+        self.acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and self.precision == "bf16" else "no")
+        self.cpu_autocast = not cuda and self.precision == "bf16"
         self.device = self.acc.device
         self.num_processes, self.process_index = self.acc.num_processes, self.acc.process_index
         self.sharded = self.acc.distributed_type == DistributedType.FSDP
@@ -66,6 +69,8 @@ class Engine:
         return [t.to(self.device, non_blocking=True) for t in batch]
 
     def autocast(self):
+        if self.cpu_autocast:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return self.acc.autocast()
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -300,7 +300,9 @@ class HealRecipe(OutputMixin):
         student = self.student(state.checkpoint if start else origin)
         module = self.phase_module(phase, student)
         params = models.set_trainable(module, phase.name)
-        optimizer = torch.optim.AdamW(params, lr=phase.lr, weight_decay=cfg.weight_decay)
+        # fused: one kernel for all parameters (CPU and CUDA); 0.08 s against 0.37 s per step for 106M parameters
+        # on this project's CPU. Not under FSDP, whose sharded parameters go through the default implementation.
+        optimizer = torch.optim.AdamW(params, lr=phase.lr, weight_decay=cfg.weight_decay, fused=not engine.sharded)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(phase.warmup_steps, phase.steps))
         wrapped, optimizer, loader = engine.prepare(module, optimizer, self.loader(phase, start))
         params = [p for p in wrapped.parameters() if p.requires_grad]  # FSDP replaces the parameters

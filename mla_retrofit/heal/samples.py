@@ -3,10 +3,13 @@
 Needs no data set and leaks no evaluation text: short built-in prompts (half
 as chat requests through the chat template, half as plain openings of prose),
 continued by the original model at temperature 1 (plain sampling unless ``top_p`` < 1), with a
-fixed seed. Tokens are drawn by inverting the cumulative distribution with one uniform number per
-row (:class:`InverseCdfSampler`): ``generate``'s own sampler draws an exponential variate for every
-vocabulary entry, and on a CPU that was 27% of the sampling time (profiled, 96 texts x 200 tokens). Distilling on the teacher's own samples pulls the student toward
+fixed seed. Distilling on the teacher's own samples pulls the student toward
 the teacher where the teacher puts its probability mass.
+
+Tokens are drawn by inverting the cumulative distribution with one uniform
+number per row (:class:`InverseCdfSampler`): ``generate``'s own sampler draws
+an exponential variate for every vocabulary entry, and on a CPU that was 27%
+of the sampling time (profiled, 96 texts x 200 tokens).
 
 The samples are written once to ``OUT/data/teacher-samples.jsonl`` (one
 ``{"text": ...}`` per line after a header line with the settings); a rerun or a
