@@ -15,7 +15,7 @@ import tempfile
 from torch.profiler import ProfilerActivity, profile
 
 from mla_retrofit.heal import HealConfig, heal
-from mla_retrofit.heal import loop
+from mla_retrofit.heal.loop import PhaseRun
 
 
 def main() -> None:
@@ -29,8 +29,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
 
-    step_cls = next(v for v in vars(loop).values() if isinstance(v, type) and hasattr(v, "accumulate"))
-    plain, seen = step_cls.step, [0]
+    plain, seen = PhaseRun.step, [0]
 
     def step(self, batches):
         seen[0] += 1
@@ -40,7 +39,7 @@ def main() -> None:
             plain(self, batches)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
-    step_cls.step = step
+    PhaseRun.step = step
     with tempfile.TemporaryDirectory() as out:
         heal(HealConfig(model=args.model, output=out, teacher=args.teacher, preset="cpu-demo", data=args.data,
                         steps=8, precision=args.precision, overwrite=True), lambda *a, **k: None)
