@@ -384,6 +384,32 @@ def test_teacher_samples_are_reproducible_and_continue_the_prompts(tmp_path):
     assert all(text.startswith(prompts[i]) and len(text) > len(prompts[i]) for i, text in enumerate(a))
 
 
+
+@pytest.mark.parametrize("family", ["llama", "llama3", "qwen2", "qwen3", "mistral"])
+def test_the_cached_decoder_picks_the_tokens_generate_picks(tmp_path, family):
+    """decode() (preallocated cache, grouped heads) against transformers' generate, same uniform draws: the
+    same texts, left-padded prompts of different lengths included, and rows that end early."""
+    from mla_retrofit.heal import samples
+
+    save_tiny(family, tmp_path / "src")
+    teacher, tok = models.load_teacher(str(tmp_path / "src")), load_tokenizer(str(tmp_path / "src"))
+    assert samples.decodable(teacher, 64) and len({len(tok(p)["input_ids"]) for p in samples.prompts(tok)[:6]}) > 1
+    fast = samples.sample(teacher, tok, 6, 12, seed=3, batch_size=6, fast=True)
+    assert fast == samples.sample(teacher, tok, 6, 12, seed=3, batch_size=6, fast=False)
+    # end rows early: the token the first row draws fourth becomes the end-of-sequence token
+    from transformers import LogitsProcessorList
+
+    tok.padding_side = "left"
+    enc = tok(samples.prompts(tok)[:6], return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(3 * 1000003)  # the draws sample() makes for its first batch
+    new = samples.decode(teacher, enc["input_ids"], enc["attention_mask"], 12,
+                         LogitsProcessorList([samples.InverseCdfSampler()]), -1)
+    teacher.generation_config.eos_token_id = int(new[0, 3])
+    ended = samples.sample(teacher, tok, 6, 12, seed=3, batch_size=6, fast=True)
+    assert ended == samples.sample(teacher, tok, 6, 12, seed=3, batch_size=6, fast=False)
+    assert ended[0] != fast[0]  # the first row ended early
+
+
 @pytest.mark.parametrize("asked,cuda,amx,expected", [
     ("auto", True, False, "bf16"), ("auto", False, True, "bf16"), ("auto", False, False, "fp32"),
     ("fp32", True, True, "fp32"), ("bf16", False, False, "bf16")])
