@@ -42,6 +42,11 @@ def heal(
     batch_size: Optional[int] = typer.Option(None, help="Windows per micro-batch."),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate of phases 1 and 2."),
+    full_lr_scale: Optional[float] = typer.Option(None, help="Phase 3 peak learning rate = lr x this (default: 0.2)."),
+    warmup_fraction: Optional[float] = typer.Option(None, help="Linear warm-up share of each phase, then cosine "
+                                                    "decay to 0 (default: 0.05; cpu-demo 0.1, gpu-7b 0.03)."),
+    weight_decay: Optional[float] = typer.Option(None, help=f"AdamW weight decay. {_d('weight_decay')}"),
+    max_grad_norm: Optional[float] = typer.Option(None, help=f"Gradient clipping norm (0: none). {_d('max_grad_norm')}"),
     distill: Optional[float] = typer.Option(None, help=f"Phases 2-3: weight of KL(teacher || student). {_d('distill')}"),
     ce_weight: Optional[float] = typer.Option(None, help=f"Phase 2: weight of next-token loss. {_d('ce_weight')}"),
     hidden_weight: Optional[float] = typer.Option(None, help="Phases 2-3: weight of matching every layer's "
@@ -51,10 +56,23 @@ def heal(
                                                    f"{PRESETS['gpu-7b']['full_ce_weight']})."),
     refit: Optional[bool] = typer.Option(None, "--refit/--no-refit", help="Closed-form o_proj refit toward the "
                                          "teacher before phase 1 (gated like a phase)."),
+    loss_chunk: Optional[int] = typer.Option(None, help="Tokens per slice of the chunked KL (default: 1024; gpu-7b 256)."),
+    dev_fraction: Optional[float] = typer.Option(None, help="Share of the training documents held out as the "
+                                                 f"gate's dev split. {_d('dev_fraction')}"),
+    dev_windows: Optional[int] = typer.Option(None, help=f"Dev windows the gate scores. {_d('dev_windows')}"),
     eval_every: Optional[int] = typer.Option(None, help="Also score the dev split every N steps [only phase ends]."),
     keep_last: Optional[bool] = typer.Option(None, "--keep-last", help="Keep a phase even if it worsens the dev KL."),
+    refit_windows: Optional[int] = typer.Option(None, help=f"Windows the --refit solves on. {_d('refit_windows')}"),
+    refit_ridge: Optional[float] = typer.Option(None, help="--refit: ridge toward the current weights, relative to "
+                                                f"the mean input energy. {_d('refit_ridge')}"),
+    max_rows: Optional[int] = typer.Option(None, help=f"Hub data: rows sampled (shuffled). {_d('max_rows')}"),
     samples: Optional[int] = typer.Option(None, help="teacher-samples: how many texts to sample."),
+    sample_tokens: Optional[int] = typer.Option(None, help="teacher-samples: new tokens per text (default: --seq-len)."),
+    sample_top_p: Optional[float] = typer.Option(None, help="teacher-samples: nucleus mass at temperature 1 (1.0: "
+                                                 f"plain sampling). {_d('sample_top_p')}"),
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
+    keep_checkpoints: Optional[int] = typer.Option(None, help=f"Checkpoints kept. {_d('keep_checkpoints')}"),
+    log_every: Optional[int] = typer.Option(None, help=f"Log to metrics.jsonl every N steps. {_d('log_every')}"),
     resume: Optional[bool] = typer.Option(None, "--resume", help="Continue an interrupted heal from its last checkpoint."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
                                                           help="Trade compute for memory (default: the preset's)."),
@@ -64,6 +82,8 @@ def heal(
     dry_run: Optional[bool] = typer.Option(None, "--dry-run", help="Print the plan and exit."),
     seed: Optional[int] = typer.Option(None, help=f"Random seed. {_d('seed')}"),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace OUT if it exists."),
+    cleanup: Optional[bool] = typer.Option(None, "--cleanup/--no-cleanup", help="Remove OUT/checkpoints once the "
+                                           "healed model is written (default: cleanup)."),
     config: Optional[Path] = typer.Option(None, help="YAML/JSON file with any HealConfig field (flags win)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:

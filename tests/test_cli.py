@@ -123,6 +123,16 @@ def test_heal_cli_runs_from_flags_and_a_config_file_of_any_field(tiny_src, workd
     assert r.exit_code == 1 and "--split must be 3 numbers" in r.output
 
 
+
+def test_every_heal_config_field_has_a_flag():
+    import typer
+
+    from mla_retrofit.heal import HealConfig
+
+    heal_cmd = typer.main.get_command(app).commands["heal"]
+    flags = {p.name for p in heal_cmd.params}
+    assert set(HealConfig.model_fields) - {"model", "output"} <= flags, set(HealConfig.model_fields) - flags
+
 def _one_line_error(r, *needles):
     lines = [l for l in r.output.strip().splitlines() if l.strip()]
     assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), r.output

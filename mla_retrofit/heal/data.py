@@ -23,20 +23,23 @@ attention mask and no cache, transformers turns those into a block-diagonal
 causal mask, so no token attends across a document border.
 
 Pieces are packed so that the positions of a window are trained as evenly as
-the documents allow. A document is cut into ``seq_len``-token pieces (the last one shorter),
-and each piece goes whole into the first open window with room for it, or
-opens a new one; a window is emitted when full. Cutting documents at the room
-left in the current window instead (plain concatenation) starts most pieces
-mid-window: on 512-token teacher samples it trained positions 384-511 seven
-times less often than positions 0-127, and the healed model was worst exactly
-there (``docs/benchmarks.md`` §7). At most :data:`OPEN_WINDOWS` windows are
-open (a full-length piece is a window of its own); when a shorter piece fits
-none and one more would be needed, the oldest is filled with the end of the
-piece (a fragment, its positions restarting at 0), and the rest of the piece,
-still starting at its own position 0, goes on. On the same samples the four
-quarters of a window are now trained 1.26 / 0.98 / 0.90 / 0.86 times per
-window (plain concatenation: 1.82 / 1.20 / 0.71 / 0.27); what remains is the
-share of documents shorter than a window.
+the documents allow. A document is cut into ``seq_len``-token pieces (the last
+one shorter), and each piece goes whole into the first open window with room
+for it, or opens a new one; a window is emitted when full. At most
+:data:`OPEN_WINDOWS` windows are open (a full-length piece is a window of its
+own); when a shorter piece fits none and one more would be needed, the oldest
+is filled with the end of the piece (a fragment, its positions restarting at
+0), and the rest of the piece, still starting at its own position 0, goes on.
+
+Cutting documents at the window border instead (plain concatenation) starts
+most pieces mid-window. On 512-token teacher samples the four quarters of a
+window were trained 1.82 / 1.20 / 0.71 / 0.26 tokens per position per window;
+with this packing 1.26 / 0.98 / 0.90 / 0.86 (``benchmarks/packing_positions.py``;
+the rest of the imbalance is the documents shorter than a window). On held-out
+prose the healed model's KL at positions 384-511 fell (0.210 -> 0.193) and at
+0-127 rose (0.145 -> 0.151); the mean is the same within one run's noise
+(``docs/benchmarks.md`` §7).
+
 When the data runs out the order is reshuffled and the data repeats. The
 stream is a pure function of (records, tokenizer, seq_len, seed), which makes
 resuming exact.

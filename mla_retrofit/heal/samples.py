@@ -246,8 +246,15 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, length: int, processors
     seq = torch.cat([ids, torch.full((B, length), pad, dtype=ids.dtype, device=ids.device)], dim=1)
     unfinished = torch.ones(B, dtype=torch.bool, device=ids.device)
     position = positions[:, -1:] + 1
+    *warpers, last = processors
     for t in range(length):
-        token = processors(seq[:, : P + t], logits).argmax(dim=-1)
+        if isinstance(last, InverseCdfSampler):  # draw directly: no -inf row to build and scan
+            scores = logits
+            for warper in warpers:
+                scores = warper(seq[:, : P + t], scores)
+            token = draw(scores)[:, 0]
+        else:
+            token = processors(seq[:, : P + t], logits).argmax(dim=-1)
         token = torch.where(unfinished, token, torch.full_like(token, pad))
         seq[:, P + t] = token
         unfinished &= ~torch.isin(token, eos)
