@@ -189,7 +189,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class _Decoder:
     """The teacher's layers run on a preallocated cache: ``[B, kv_heads, total, head_dim]`` keys and values."""
 
-    def __init__(self, model, batch: int, total: int):
+    def __init__(self, model, total: int):
         self.model, self.inner, self.total = model, model.model, total
         cfg = model.config
         self.kv_heads = cfg.num_key_value_heads
@@ -233,9 +233,10 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, length: int, processors
     scores, ``pad`` after a row's end-of-sequence token, stopping when every row has ended. ``[B, <= length]``."""
     B, P = ids.shape
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=ids.device)
+    eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), dtype=torch.long,
+                       device=ids.device)
     total = P + length
-    decoder = _Decoder(model, B, total)
+    decoder = _Decoder(model, total)
     valid = torch.zeros(B, total, dtype=torch.bool, device=ids.device)
     valid[:, :P] = mask.bool()
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
