@@ -156,8 +156,8 @@ def test_packed_windows_restart_positions_at_every_document():
 
 def test_packing_trains_the_late_positions_of_a_window():
     """Documents a little longer than a window: each one's first window-length piece fills a window from
-    position 0, so the last quarter of the window is trained about as often as the first (plain
-    concatenation trains it a fraction as often, since most documents then start mid-window)."""
+    position 0, so the last quarter of the window is trained about as often as the second (plain
+    concatenation trains it a third as often, since most documents then start mid-window)."""
     from tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()

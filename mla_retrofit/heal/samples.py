@@ -34,6 +34,8 @@ from typing import Callable
 
 import torch
 
+from ..modeling.rope_mla import apply_rope
+
 REQUESTS = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
     "Describe a walk through a small market town on an autumn morning.",
@@ -181,11 +183,6 @@ def decodable(model, total: int) -> bool:
                for name in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling"))
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
 class _Decoder:
     """The teacher's layers run on a preallocated cache: ``[B, kv_heads, total, head_dim]`` keys and values."""
 
@@ -201,7 +198,6 @@ class _Decoder:
         ``[B, 1, q, start+q]`` keys each query may see (True = attend)."""
         h = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(h, positions)
-        cos, sin = cos[:, None], sin[:, None]
         B, q = ids.shape
         mask = mask.repeat(1, 1, self.rep, 1)  # rows of a group's heads are stacked: head j's row p at j*q + p
         for i, layer in enumerate(self.inner.layers):
@@ -211,7 +207,7 @@ class _Decoder:
             if hasattr(a, "q_norm"):  # Qwen3
                 qs, ks = a.q_norm(qs), a.k_norm(ks)
             qs, ks, vs = (t.transpose(1, 2) for t in (qs, ks, vs))
-            qs, ks = _rotate(qs, cos, sin), _rotate(ks, cos, sin)
+            qs, ks = apply_rope(qs, cos, sin), apply_rope(ks, cos, sin)
             if self.caches[i] is None:
                 shape = (B, self.kv_heads, self.total, a.head_dim)
                 self.caches[i] = (ks.new_zeros(shape), vs.new_zeros(shape))
