@@ -57,8 +57,10 @@ def _heads(seed=0, B=2, T=7, d=8, V=11):
     return hidden, teacher_hidden, head, teacher_head
 
 
-def test_chunked_kl_equals_the_unchunked_reference_and_its_gradient():
+@pytest.mark.parametrize("trainable_head", [False, True], ids=["fused", "checkpointed"])
+def test_chunked_kl_equals_the_unchunked_reference_and_its_gradient(trainable_head):
     hidden, teacher_hidden, head, teacher_head = _heads()
+    head.requires_grad_(trainable_head)
     mask = torch.ones(2, 7)
     ref = (kl_per_token(head(hidden), teacher_head(teacher_hidden)) * mask).sum()
     ref_grad = torch.autograd.grad(ref, hidden)[0]
@@ -78,8 +80,32 @@ def test_kl_is_asymmetric_with_a_known_value():
     assert not torch.allclose(kl_per_token(p, q), expected.view(1))  # KL(student || teacher) is another number
 
 
-def test_masked_positions_contribute_nothing():
+def test_the_fused_loss_gives_autograd_s_kl_and_next_token_gradients_with_biases():
+    """The closed-form gradient (heads frozen, as heal has them) against autograd through the full logits."""
+    hidden, teacher_hidden, head, teacher_head = _heads(seed=3)
+    head.bias = torch.nn.Parameter(torch.randn(11))
+    teacher_head.bias = torch.nn.Parameter(torch.randn(11))
+    head.requires_grad_(False)
+    kd, ce = torch.ones(2, 7), torch.ones(2, 7)
+    kd[0, 1] = ce[1, 3] = ce[1, 6] = 0
+    target = torch.randint(0, 11, (2, 7), generator=torch.Generator().manual_seed(1))
+    logits, teacher_logits = head(hidden), teacher_head(teacher_hidden)
+    ref_kl = (kl_per_token(logits, teacher_logits) * kd).sum()
+    ref_ce = (torch.nn.functional.cross_entropy(logits.reshape(-1, 11), target.reshape(-1), reduction="none")
+              * ce.reshape(-1)).sum()
+    ref_grad = torch.autograd.grad(0.7 * ref_kl + 0.3 * ref_ce, hidden)[0]
+    for chunk in (3, 14):
+        sums = distill_sums(hidden, head, teacher_hidden, teacher_head, kd, target, ce, chunk=chunk)
+        grad = torch.autograd.grad(0.7 * sums.kl + 0.3 * sums.ce, hidden)[0]
+        torch.testing.assert_close(sums.kl, ref_kl, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(sums.ce, ref_ce, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("trainable_head", [False, True], ids=["fused", "checkpointed"])
+def test_masked_positions_contribute_nothing(trainable_head):
     hidden, teacher_hidden, head, teacher_head = _heads()
+    head.requires_grad_(trainable_head)
     mask = torch.ones(2, 7)
     mask[0, 2] = mask[1, 5] = 0
     target = torch.randint(0, 11, (2, 7))
