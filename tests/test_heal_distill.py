@@ -102,6 +102,22 @@ def test_the_fused_loss_gives_autograd_s_kl_and_next_token_gradients_with_biases
         torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
 
 
+def test_the_fused_loss_multiplies_in_the_autocast_dtype_like_the_checkpointed_one():
+    """Under bf16 autocast both forms round the logits' matmul inputs alike; in float32 they are another number."""
+    hidden, teacher_hidden, head, teacher_head = _heads(seed=5, d=64, V=50)
+    head.requires_grad_(False)
+    mask = torch.ones(2, 7)
+    results = {}
+    for fused in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            sums = distill_sums(hidden, head, teacher_hidden, teacher_head, mask, chunk=4, fused=fused)
+        results[fused] = (sums.kl.detach(), torch.autograd.grad(sums.kl, hidden)[0])
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=2e-2, atol=2e-3)
+    exact = distill_sums(hidden, head, teacher_hidden, teacher_head, mask, chunk=4).kl.detach()
+    assert abs(float(exact - results[True][0])) > 1e-4  # bf16 rounding is visible: the test sees the dtype
+
+
 @pytest.mark.parametrize("trainable_head", [False, True], ids=["fused", "checkpointed"])
 def test_masked_positions_contribute_nothing(trainable_head):
     hidden, teacher_hidden, head, teacher_head = _heads()

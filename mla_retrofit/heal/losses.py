@@ -97,6 +97,34 @@ def _chunk_sums(hidden, teacher_hidden, head_weight, head_bias, teacher_head, ta
 CPU_ROWS = 8
 
 
+def _slice_sums(logits, teacher_logits, kd, ce, target, rows: int, want_ce: bool, need_grad: bool):
+    """One slice's KL and next-token sums, and (``need_grad``) the gradients of each sum with respect to the
+    logits: ``(softmax(s) - softmax(t)) * kd`` and the ``softmax(s) * ce`` part of ``(softmax(s) - onehot) * ce``.
+    The float32 work is done ``rows`` rows at a time."""
+    kl_sum = logits.new_zeros((), dtype=torch.float32)
+    ce_sum = logits.new_zeros((), dtype=torch.float32)
+    diff = torch.empty_like(logits) if need_grad and teacher_logits is not None else None
+    probs = torch.empty_like(logits) if need_grad and want_ce else None
+    for r in range(0, logits.shape[0], rows):
+        s = logits[r : r + rows].float()
+        s -= torch.logsumexp(s, -1, keepdim=True)  # the student's log-probabilities
+        if want_ce:
+            nll = -s.gather(-1, target[r : r + rows, None]).squeeze(-1)
+            ce_sum += (nll * ce[r : r + rows]).sum()
+        if teacher_logits is not None:
+            t = teacher_logits[r : r + rows].float()
+            t -= torch.logsumexp(t, -1, keepdim=True)
+            p = t.exp()
+            kl_sum += (torch.linalg.vecdot(p, t - s) * kd[r : r + rows]).sum()
+        if need_grad:
+            s.exp_()  # the student's probabilities
+            if diff is not None:
+                diff[r : r + rows] = (s - p) * kd[r : r + rows, None]
+            if probs is not None:
+                probs[r : r + rows] = s * ce[r : r + rows, None]
+    return kl_sum, ce_sum, diff, probs
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """Sums of KL(teacher || student) and next-token loss over ``[N, d]`` hidden states, with the gradient
     with respect to ``hidden`` computed in the forward pass (the heads are constants)."""
@@ -108,46 +136,28 @@ class _FusedHeadLoss(torch.autograd.Function):
         mm = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         need_grad = ctx.needs_input_grad[0]
         rows = CPU_ROWS if device == "cpu" else chunk
-        w = weight.to(mm)
-        b = None if bias is None else bias.to(mm)
-        tw = None if teacher_hidden is None else teacher_weight.to(mm)
-        tb = None if teacher_bias is None or teacher_hidden is None else teacher_bias.to(mm)
-        N = hidden.shape[0]
-        kl_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        ce_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_kl = torch.zeros(N, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_grad else None
+        w, b = weight.to(mm), None if bias is None else bias.to(mm)
+        distill = teacher_hidden is not None
+        tw = teacher_weight.to(mm) if distill else None
+        tb = teacher_bias.to(mm) if distill and teacher_bias is not None else None
+        kl_total = hidden.new_zeros((), dtype=torch.float32)
+        ce_total = hidden.new_zeros((), dtype=torch.float32)
+        grad_kl = hidden.new_zeros(hidden.shape, dtype=torch.float32) if need_grad else None
         grad_ce = torch.zeros_like(grad_kl) if need_grad and want_ce else None
         with torch.autocast(device, enabled=False):
-            for m in range(0, N, chunk):
-                h = hidden[m : m + chunk].detach().to(mm)
-                logits = F.linear(h, w, b)
-                teacher_logits = None if teacher_hidden is None else F.linear(teacher_hidden[m : m + chunk].to(mm), tw, tb)
-                diff = torch.empty_like(logits) if need_grad and teacher_hidden is not None else None
-                probs = torch.empty_like(logits) if need_grad and want_ce else None
-                kd_c, ce_c, target_c = kd_mask[m : m + chunk].float(), ce_mask[m : m + chunk].float(), target[m : m + chunk]
-                for r in range(0, logits.shape[0], rows):
-                    rk = kd_c[r : r + rows]
-                    s = logits[r : r + rows].float()
-                    s -= torch.logsumexp(s, -1, keepdim=True)  # log-probabilities of the student
-                    if want_ce:
-                        rc = ce_c[r : r + rows]
-                        nll = -s.gather(-1, target_c[r : r + rows, None]).squeeze(-1)
-                        ce_total += (nll * rc).sum()
-                    if teacher_logits is not None:
-                        t = teacher_logits[r : r + rows].float()
-                        t -= torch.logsumexp(t, -1, keepdim=True)
-                        p = t.exp()
-                        kl_total += (torch.linalg.vecdot(p, t - s) * rk).sum()
-                    if need_grad:
-                        s.exp_()  # the student's probabilities
-                        if diff is not None:
-                            diff[r : r + rows] = (s - p) * rk[:, None]
-                        if probs is not None:
-                            probs[r : r + rows] = s * rc[:, None]
+            for m in range(0, hidden.shape[0], chunk):
+                part = slice(m, m + chunk)
+                logits = F.linear(hidden[part].detach().to(mm), w, b)
+                teacher_logits = F.linear(teacher_hidden[part].to(mm), tw, tb) if distill else None
+                ce = ce_mask[part].float()
+                kl_sum, ce_sum, diff, probs = _slice_sums(logits, teacher_logits, kd_mask[part].float(), ce,
+                                                          target[part], rows, want_ce, need_grad)
+                kl_total += kl_sum
+                ce_total += ce_sum
                 if diff is not None:
-                    grad_kl[m : m + chunk] = diff @ w
+                    grad_kl[part] = diff @ w
                 if probs is not None:
-                    grad_ce[m : m + chunk] = probs @ w - weight[target_c].float() * ce_c[:, None]
+                    grad_ce[part] = probs @ w - weight[target[part]].float() * ce[:, None]
         ctx.save_for_backward(grad_kl, grad_ce)
         ctx.hidden_dtype = hidden.dtype
         return kl_total, ce_total
