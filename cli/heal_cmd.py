@@ -37,7 +37,7 @@ def heal(
     preset: Optional[str] = typer.Option(None, help="cpu-demo | gpu-7b: budget, data and batch defaults."),
     tokens: Optional[int] = typer.Option(None, help="Total training tokens over all phases."),
     steps: Optional[int] = typer.Option(None, help="Total optimizer steps over all phases (instead of --tokens)."),
-    split: Optional[str] = typer.Option(None, help="Budget split over the 3 phases [0.25,0.5,0.25]; 0 skips a phase."),
+    split: Optional[str] = typer.Option(None, help="Budget split over the 3 phases [preset, else 0.25,0.5,0.25]; 0 skips one."),
     seq_len: Optional[int] = typer.Option(None, help="Packed window length."),
     batch_size: Optional[int] = typer.Option(None, help="Windows per micro-batch."),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),

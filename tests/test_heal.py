@@ -334,6 +334,9 @@ def test_config_validation_and_presets(mla_dir, tmp_path):
     demo = HealConfig(model="m", output="o", preset="cpu-demo").resolved()
     assert demo.steps == PRESETS["cpu-demo"]["steps"] and demo.seq_len == PRESETS["cpu-demo"]["seq_len"] == 512
     assert HealConfig(model="m", output="o", preset="cpu-demo", seq_len=64).resolved().seq_len == 64
+    assert demo.split == tuple(PRESETS["cpu-demo"]["split"]) != (0.25, 0.5, 0.25)  # the preset sets the split
+    assert HealConfig(model="m", output="o", preset="cpu-demo", split=(0, 1, 0)).resolved().split == (0, 1, 0)
+    assert HealConfig(model="m", output="o").resolved().split == (0.25, 0.5, 0.25)
     big = HealConfig(model="m", output="o", preset="gpu-7b").resolved()
     assert big.steps is None and big.tokens == PRESETS["gpu-7b"]["tokens"]
 

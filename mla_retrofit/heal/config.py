@@ -21,6 +21,7 @@ PHASES = ("imitate", "mla-only", "full")  # the three healing phases, in order
 BASE: dict = dict(
     data=SMOLTALK, steps=300, seq_len=1024, batch_size=4, grad_accum=4, lr=5e-5, full_lr_scale=0.2,
     warmup_fraction=0.05, save_every=100, full_ce_weight=0.0, samples=512, loss_chunk=1024,
+    split=(0.25, 0.5, 0.25),
 )
 
 #: ``cpu-demo``: SmolLM2-135M on a 2-core CPU, fully offline, distilling on text sampled from the
@@ -31,8 +32,8 @@ BASE: dict = dict(
 #: when the Hub is reachable, with a little next-token loss in phase 3. Not checked on a GPU yet.
 PRESETS: dict[str, dict] = {
     "cpu-demo": dict(
-        data=TEACHER_SAMPLES, samples=192, steps=320, seq_len=512, batch_size=2, grad_accum=1, lr=1e-4,
-        full_lr_scale=0.2, warmup_fraction=0.1, save_every=20,
+        data=TEACHER_SAMPLES, samples=192, steps=580, split=(0.55, 0.35, 0.1), seq_len=512, batch_size=2,
+        grad_accum=1, lr=1e-4, full_lr_scale=0.2, warmup_fraction=0.1, save_every=20,
     ),
     "gpu-7b": dict(
         tokens=500_000_000, seq_len=2048, batch_size=4, grad_accum=8, lr=5e-5, full_lr_scale=0.2,
@@ -43,8 +44,8 @@ PRESETS: dict[str, dict] = {
 #: Fields that may change between an interrupted run and its resumption.
 RESUME_FREE = ("resume", "overwrite", "dry_run", "save_every", "log_every", "keep_checkpoints", "cleanup",
                "eval_every")
-FILLED = ("loss_chunk", "data", "seq_len", "batch_size", "grad_accum", "lr", "full_lr_scale", "warmup_fraction", "save_every",
-          "gradient_checkpointing", "full_ce_weight", "samples")
+FILLED = ("split", "loss_chunk", "data", "seq_len", "batch_size", "grad_accum", "lr", "full_lr_scale", "warmup_fraction",
+          "save_every", "gradient_checkpointing", "full_ce_weight", "samples")
 
 
 class HealConfig(Config):
@@ -54,7 +55,7 @@ class HealConfig(Config):
     data: str | None = None  # None: the preset's (cpu-demo: teacher-samples), else SmolTalk
     tokens: int | None = None  # total budget over all phases (or ``steps``)
     steps: int | None = None
-    split: tuple[float, float, float] = (0.25, 0.5, 0.25)
+    split: tuple[float, float, float] | None = None  # share of the steps per phase (None: the preset's, else 25/50/25)
     preset: str | None = None
     seq_len: int | None = None
     batch_size: int | None = None  # sequences per micro-batch per process
@@ -122,7 +123,8 @@ class HealConfig(Config):
                          "sample_tokens"))
         if self.seq_len is not None and self.seq_len < 8:
             raise UserError(f"--seq-len must be at least 8, got {self.seq_len}")
-        _check_split(self.split)
+        if self.split is not None:
+            _check_split(self.split)
         if self.warmup_fraction is not None and not 0 <= self.warmup_fraction < 1:
             raise UserError(f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}")
         for name in ("distill", "ce_weight", "hidden_weight", "full_ce_weight", "max_grad_norm", "weight_decay", "eval_every",
@@ -130,7 +132,7 @@ class HealConfig(Config):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-        if self.distill == 0 and self.ce_weight == 0 and self.hidden_weight == 0 and self.split[1] > 0:
+        if self.distill == 0 and self.ce_weight == 0 and self.hidden_weight == 0 and (self.split or BASE["split"])[1] > 0:
             raise UserError("phase 2 has no objective: --distill, --ce-weight and --hidden-weight are all 0")
         if not 0 <= self.dev_fraction < 0.5:
             raise UserError(f"--dev-fraction must be in [0, 0.5), got {self.dev_fraction}")
@@ -143,7 +145,7 @@ class HealConfig(Config):
 
     def as_dict(self) -> dict:
         d = self.model_dump()
-        d["split"] = list(self.split)
+        d["split"] = None if self.split is None else list(self.split)
         return d
 
     def mismatches(self, saved: dict) -> list[str]:
