@@ -26,8 +26,10 @@ BASE: dict = dict(
 
 #: ``cpu-demo``: SmolLM2-135M on a 2-core CPU, fully offline, distilling on text sampled from the
 #: teacher (docs/benchmarks.md has its wall time and effect). Windows of 512 tokens, not 256 at the same
-#: tokens per step: the heal repairs the positions it trains on (§7 measures the KL by position). Sized
-#: for bf16 autocast on an AMX CPU (about 25 minutes); float32 ran half this budget in 24 minutes.
+#: tokens per step: the heal repairs the positions it trains on (§7 measures the KL by position). Most
+#: steps go to phase 1, whose steps cost about 60% of phase 2's and which moved the held-out KL most per
+#: second (§7, "A cheaper step, spent on phase 1"). Sized for bf16 autocast on an AMX CPU (under 30
+#: minutes on this project's 2 cores); in float32 (no AMX) an earlier budget took twice bf16's time.
 #: ``gpu-7b``: a distillation budget for 7B models on one 8-GPU node (``accelerate launch``); SmolTalk
 #: when the Hub is reachable, with a little next-token loss in phase 3. Not checked on a GPU yet.
 PRESETS: dict[str, dict] = {
