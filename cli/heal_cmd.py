@@ -41,7 +41,11 @@ def heal(
     seq_len: Optional[int] = typer.Option(None, help="Packed window length."),
     batch_size: Optional[int] = typer.Option(None, help="Windows per micro-batch."),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate of phases 1 and 2."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate of phase 2 (phases 1 and 3: times "
+                                       "their scales)."),
+    imitate_lr_scale: Optional[float] = typer.Option(None, help="Phase 1 peak learning rate = lr x this (default: "
+                                                     f"{BASE['imitate_lr_scale']}; cpu-demo: "
+                                                     f"{PRESETS['cpu-demo'].get('imitate_lr_scale', 1.0)})."),
     full_lr_scale: Optional[float] = typer.Option(None, help="Phase 3 peak learning rate = lr x this (default: 0.2)."),
     warmup_fraction: Optional[float] = typer.Option(None, help="Linear warm-up share of each phase, then cosine "
                                                     "decay to 0 (default: 0.05; cpu-demo 0.1, gpu-7b 0.03)."),
@@ -65,6 +69,13 @@ def heal(
     refit_windows: Optional[int] = typer.Option(None, help=f"Windows the --refit solves on. {_d('refit_windows')}"),
     refit_ridge: Optional[float] = typer.Option(None, help="--refit: ridge toward the current weights, relative to "
                                                 f"the mean input energy. {_d('refit_ridge')}"),
+    imitate_metric: Optional[str] = typer.Option(None, help="Phase 1's error measure: mse (relative, every direction "
+                                                 "alike) or fisher (weighted by how much the teacher's output "
+                                                 f"depends on each direction). {_d('imitate_metric')}"),
+    fisher_ridge: Optional[float] = typer.Option(None, help="--imitate-metric fisher: share of plain MSE in the "
+                                                 f"metric, in (0, 1]. {_d('fisher_ridge')}"),
+    fisher_windows: Optional[int] = typer.Option(None, help="--imitate-metric fisher: windows the Fisher is "
+                                                 f"estimated on. {_d('fisher_windows')}"),
     max_rows: Optional[int] = typer.Option(None, help=f"Hub data: rows sampled (shuffled). {_d('max_rows')}"),
     samples: Optional[int] = typer.Option(None, help="teacher-samples: how many texts to sample."),
     sample_tokens: Optional[int] = typer.Option(None, help="teacher-samples: new tokens per text (default: --seq-len)."),

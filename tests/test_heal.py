@@ -350,6 +350,17 @@ def test_token_budget_and_split():
     assert split_steps(10, (0, 1, 0)) == [0, 10, 0] and split_steps(2, (1, 1, 1)) == [1, 1, 1]
 
 
+def test_each_phase_runs_at_its_own_peak_learning_rate():
+    cfg = HealConfig(model="m", output="o", steps=30, lr=1e-4, imitate_lr_scale=3.0, full_lr_scale=0.2).resolved()
+    lrs = [p.lr for p in make_plan(cfg, 1, {"attention": 1, "total": 2}, "t").phases]
+    assert lrs == pytest.approx([3e-4, 1e-4, 2e-5])
+    assert HealConfig(model="m", output="o").resolved().imitate_lr_scale == 1.0
+    demo = HealConfig(model="m", output="o", preset="cpu-demo").resolved()
+    assert demo.imitate_lr_scale == PRESETS["cpu-demo"]["imitate_lr_scale"]
+    with pytest.raises(UserError, match="imitate-lr-scale"):
+        HealConfig(model="m", output="o", imitate_lr_scale=0)
+
+
 def test_lr_schedule_warms_up_then_decays():
     f = lr_lambda(2, 10)
     assert [f(0), f(1), f(2)] == [0.5, 1.0, 1.0]

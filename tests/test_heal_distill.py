@@ -476,3 +476,57 @@ def test_engine_autocasts_matmuls_only_in_bf16(precision):
 def test_bad_precision_is_a_one_line_error(setup, tmp_path):
     with pytest.raises(UserError, match="--precision"):
         config(setup, tmp_path / "o", precision="fp16")
+
+
+# -- phase 1 in the teacher's Fisher metric ----------------------------------------------------------
+def test_the_fisher_metric_is_the_expected_fisher_of_the_teachers_output():
+    """Phase 1's metric at a layer is ``E[g g^T]`` over labels the teacher draws: on one window drawn again and
+    again it converges to the exact ``sum_t J_t^T (diag(p_t) - p_t p_t^T) J_t`` (``J_t``: the Jacobian of
+    position ``t``'s logits with respect to the layer's attention output), through every later layer."""
+    from tiny import tiny_model
+
+    torch.manual_seed(0)
+    teacher = tiny_model("llama", layers=3).double()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    teacher.lm_head.weight *= 4  # peaked next-token distributions, far from a uniform guess
+    T, d, layer = 6, teacher.config.hidden_size, 0  # layer 0: its gradient runs through both later layers
+    ids = torch.randint(1, teacher.config.vocab_size, (1, T))  # not the pad id: its embedding is zero
+    pos = torch.arange(T)[None]
+    factors = models.attention_fisher(teacher, ids.expand(1500, -1), pos.expand(1500, -1), ridge=1e-9, seed=0,
+                                       batch=500)
+    sampled = factors[layer].double() @ factors[layer].double().T
+
+    def logits_of(delta):  # the logits with ``delta`` added to the layer's attention output
+        handle = teacher.model.layers[layer].self_attn.register_forward_hook(
+            lambda _m, _a, out: (out[0] + delta, *out[1:]))
+        try:
+            return teacher(input_ids=ids, position_ids=pos).logits[0]
+        finally:
+            handle.remove()
+
+    zero = torch.zeros(1, T, d, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(logits_of, zero, vectorize=True)[:, :, 0]
+    p = torch.softmax(logits_of(zero), -1).detach()
+    exact = torch.zeros(d, d, dtype=torch.float64)
+    for t in range(T):
+        cov = torch.diag(p[t]) - torch.outer(p[t], p[t])
+        for s in range(T):
+            exact += jac[t, :, s].T @ cov @ jac[t, :, s]
+    exact = exact / (exact.trace() / d)
+    assert (sampled - exact).norm() / exact.norm() < 0.1
+    off = exact - torch.diag(torch.diag(exact))
+    assert off.norm() / exact.norm() > 0.3  # the metric is not diagonal: directions, not only dims, matter
+
+
+def test_imitation_in_a_metric_is_plain_mse_with_the_identity_and_weighs_directions_otherwise():
+    from mla_retrofit.heal.losses import imitation_loss
+
+    g = torch.Generator().manual_seed(0)
+    y, t = torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g)
+    plain = imitation_loss([y], [t])
+    assert torch.allclose(imitation_loss([y], [t], [torch.eye(4)]), plain)
+    squash = torch.diag(torch.tensor([1.0, 1.0, 1.0, 1e-3]))  # the last direction does not matter
+    off = t.clone()
+    off[..., 3] += 10.0
+    assert imitation_loss([off], [t], [squash]) < 1e-3 < imitation_loss([off], [t])

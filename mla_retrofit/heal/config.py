@@ -20,7 +20,7 @@ PHASES = ("imitate", "mla-only", "full")  # the three healing phases, in order
 #: Defaults filled in when neither the user nor the preset sets a field.
 BASE: dict = dict(
     data=SMOLTALK, steps=300, seq_len=1024, batch_size=4, grad_accum=4, lr=5e-5, full_lr_scale=0.2,
-    warmup_fraction=0.05, save_every=100, full_ce_weight=0.0, samples=512, loss_chunk=1024,
+    warmup_fraction=0.05, save_every=100, imitate_lr_scale=1.0, full_ce_weight=0.0, samples=512, loss_chunk=1024,
     split=(0.25, 0.5, 0.25),
 )
 
@@ -28,14 +28,16 @@ BASE: dict = dict(
 #: teacher (docs/benchmarks.md has its wall time and effect). Windows of 512 tokens, not 256 at the same
 #: tokens per step: the heal repairs the positions it trains on (§7 measures the KL by position). Most
 #: steps go to phase 1, whose steps cost about 60% of phase 2's and which moved the held-out KL most per
-#: second (§7, "A cheaper step, spent on phase 1"). Sized for bf16 autocast on an AMX CPU (under 30
-#: minutes on this project's 2 cores); in float32 (no AMX) an earlier budget took twice bf16's time.
+#: second (§7, "A cheaper step, spent on phase 1"), at 8x phase 2's learning rate, which a local
+#: regression takes and a short budget needs (§7, "Phase 1's learning rate"). Sized for bf16 autocast on
+#: an AMX CPU (under 30 minutes on this project's 2 cores); in float32 (no AMX) an earlier budget took
+#: twice bf16's time.
 #: ``gpu-7b``: a distillation budget for 7B models on one 8-GPU node (``accelerate launch``); SmolTalk
 #: when the Hub is reachable, with a little next-token loss in phase 3. Not checked on a GPU yet.
 PRESETS: dict[str, dict] = {
     "cpu-demo": dict(
-        data=TEACHER_SAMPLES, samples=192, steps=580, split=(0.55, 0.35, 0.1), seq_len=512, batch_size=2,
-        grad_accum=1, lr=1e-4, full_lr_scale=0.2, warmup_fraction=0.1, save_every=20,
+        data=TEACHER_SAMPLES, samples=192, steps=640, split=(0.6, 0.35, 0.05), seq_len=512, batch_size=2,
+        grad_accum=1, lr=1e-4, imitate_lr_scale=8.0, full_lr_scale=0.2, warmup_fraction=0.1, save_every=20,
     ),
     "gpu-7b": dict(
         tokens=500_000_000, seq_len=2048, batch_size=4, grad_accum=8, lr=5e-5, full_lr_scale=0.2,
@@ -46,8 +48,8 @@ PRESETS: dict[str, dict] = {
 #: Fields that may change between an interrupted run and its resumption.
 RESUME_FREE = ("resume", "overwrite", "dry_run", "save_every", "log_every", "keep_checkpoints", "cleanup",
                "eval_every")
-FILLED = ("split", "loss_chunk", "data", "seq_len", "batch_size", "grad_accum", "lr", "full_lr_scale", "warmup_fraction",
-          "save_every", "gradient_checkpointing", "full_ce_weight", "samples")
+FILLED = ("split", "loss_chunk", "data", "seq_len", "batch_size", "grad_accum", "lr", "full_lr_scale",
+          "imitate_lr_scale", "warmup_fraction", "save_every", "gradient_checkpointing", "full_ce_weight", "samples")
 
 
 class HealConfig(Config):
@@ -62,7 +64,8 @@ class HealConfig(Config):
     seq_len: int | None = None
     batch_size: int | None = None  # sequences per micro-batch per process
     grad_accum: int | None = None
-    lr: float | None = None  # peak learning rate of phases 1 and 2
+    lr: float | None = None  # peak learning rate of phase 2 (and of phases 1 and 3 times their scales)
+    imitate_lr_scale: float | None = None  # phase 1 peak lr = lr * imitate_lr_scale (default 1; cpu-demo: see PRESETS)
     full_lr_scale: float | None = None  # phase 3 peak lr = lr * full_lr_scale
     warmup_fraction: float | None = None
     weight_decay: float = 0.0
@@ -83,6 +86,9 @@ class HealConfig(Config):
     refit: bool = False  # closed-form refit of every o_proj toward the teacher's residual stream, before phase 1
     refit_windows: int = 16  # training windows the refit solves on
     refit_ridge: float = 1e-2  # ridge toward the current weights, relative to the mean input energy
+    imitate_metric: Literal["mse", "fisher"] = "mse"  # phase 1's error: relative MSE, or in the teacher's Fisher metric
+    fisher_ridge: float = 0.1  # imitate_metric fisher: share of plain MSE mixed into the metric (1: plain MSE)
+    fisher_windows: int = 8  # imitate_metric fisher: training windows the Fisher is estimated on
     max_rows: int = 20000  # rows sampled (shuffled) from a Hub dataset
     samples: int | None = None  # teacher-samples: how many texts to sample from the teacher
     sample_tokens: int | None = None  # teacher-samples: new tokens per text (default: seq_len)
@@ -121,8 +127,8 @@ class HealConfig(Config):
         if self.tokens is not None and self.steps is not None:
             raise UserError("give either --tokens or --steps as the budget, not both")
         _positive(self, ("tokens", "steps", "seq_len", "batch_size", "grad_accum", "lr", "keep_checkpoints",
-                         "log_every", "full_lr_scale", "loss_chunk", "dev_windows", "max_rows", "samples", "refit_windows",
-                         "sample_tokens"))
+                         "log_every", "full_lr_scale", "imitate_lr_scale", "loss_chunk", "dev_windows", "max_rows",
+                         "samples", "refit_windows", "sample_tokens", "fisher_windows"))
         if self.seq_len is not None and self.seq_len < 8:
             raise UserError(f"--seq-len must be at least 8, got {self.seq_len}")
         if self.split is not None:
@@ -136,6 +142,8 @@ class HealConfig(Config):
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
         if self.distill == 0 and self.ce_weight == 0 and self.hidden_weight == 0 and (self.split or BASE["split"])[1] > 0:
             raise UserError("phase 2 has no objective: --distill, --ce-weight and --hidden-weight are all 0")
+        if not 0 < self.fisher_ridge <= 1:
+            raise UserError(f"--fisher-ridge must be in (0, 1], got {self.fisher_ridge}")
         if not 0 <= self.dev_fraction < 0.5:
             raise UserError(f"--dev-fraction must be in [0, 0.5), got {self.dev_fraction}")
         if not 0 < self.sample_top_p <= 1:

@@ -29,12 +29,20 @@ from ..metrics import kl_per_token  # noqa: F401  (KL(teacher || student) per po
 from torch.utils.checkpoint import checkpoint
 
 
-def imitation_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
-    """Sum over layers of ``mean((y - t)^2) / mean(t^2)``: each layer's error relative to its target's power."""
+def imitation_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor],
+                   metrics: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Sum over layers of ``mean((y - t)^2) / mean(t^2)``: each layer's error relative to its target's power.
+
+    With ``metrics`` (one ``[d, d]`` factor ``L_l`` per layer, :func:`~.models.attention_fisher`), the error
+    and the target are measured in that metric instead: ``mean(|(y - t) L_l|^2) / mean(|t L_l|^2)``.
+    """
     total = outputs[0].new_zeros((), dtype=torch.float32)
-    for y, t in zip(outputs, targets):
+    for i, (y, t) in enumerate(zip(outputs, targets)):
         t = t.float()
-        total = total + (y.float() - t).square().mean() / t.square().mean().clamp_min(1e-12)
+        err = y.float() - t
+        if metrics is not None:
+            err, t = err @ metrics[i], t @ metrics[i]
+        total = total + err.square().mean() / t.square().mean().clamp_min(1e-12)
     return total
 
 

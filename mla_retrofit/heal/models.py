@@ -132,6 +132,60 @@ def teacher_attention(teacher, student, ids: torch.Tensor, positions: torch.Tens
     return [x.detach() for x in tap.inputs], [y.detach() * scale for y in tap.outputs]
 
 
+def attention_fisher(teacher, ids: torch.Tensor, positions: torch.Tensor, ridge: float, seed: int = 0,
+                     progress=None, batch: int = 2) -> list[torch.Tensor]:
+    """Per teacher layer, a factor ``L_l`` of the metric phase 1 measures its attention-output error in.
+
+    ``F_l = E[g g^T]`` is the Fisher information of the teacher's next-token distributions with respect
+    to layer ``l``'s attention output (``g = d sum_t log p(y_t) / d o_l``, labels ``y`` drawn from the
+    teacher itself), so ``1/2 delta^T F_l delta`` is, to second order, the KL an error ``delta`` there
+    adds downstream (the same quantity ``convert``'s rank allocation uses, ``convert/sensitivity.py``).
+    The metric is ``M_l = (1 - ridge) F_l / mean_eig(F_l) + ridge I`` (``ridge`` 1: plain MSE), returned
+    as ``L_l`` with ``L_l L_l^T = M_l`` so that ``|delta L_l|^2 = delta^T M_l delta``. One forward and one
+    backward of the teacher per ``batch`` windows of ``ids`` ``[B, T]``.
+    """
+    layers = list(teacher.model.layers)
+    d = teacher.config.hidden_size
+    gg = [torch.zeros(d, d, dtype=torch.float64) for _ in layers]
+    probes: dict[int, torch.Tensor] = {}
+
+    def probe(i: int):
+        def hook(_module, _args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            z = torch.zeros_like(out, requires_grad=True)  # d/dz = d/d(attention output), the graph kept whole
+            probes[i] = z
+            return (out + z, *output[1:]) if isinstance(output, tuple) else out + z
+
+        return hook
+
+    gen = torch.Generator().manual_seed(seed)
+    handles = [layer.self_attn.register_forward_hook(probe(i)) for i, layer in enumerate(layers)]
+    try:
+        with torch.enable_grad():
+            for b in range(0, ids.shape[0], batch):
+                hidden = teacher.model(input_ids=ids[b : b + batch], position_ids=positions[b : b + batch],
+                                       use_cache=False).last_hidden_state
+                logp = torch.log_softmax(teacher.lm_head(hidden).float(), dim=-1).flatten(0, 1)
+                y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=gen).to(logp.device)
+                logp.gather(-1, y).sum().backward()
+                for i, z in probes.items():
+                    g = z.grad.reshape(-1, d).double().cpu()
+                    gg[i] += g.T @ g
+                probes.clear()
+                if progress is not None:
+                    progress(min(b + batch, ids.shape[0]), ids.shape[0])
+    finally:
+        for h in handles:
+            h.remove()
+    eye = torch.eye(d, dtype=torch.float64)
+    factors = []
+    for f in gg:
+        scale = f.trace() / d
+        m = (1 - ridge) * f / scale.clamp_min(1e-30) + ridge * eye
+        factors.append(torch.linalg.cholesky(m).float())
+    return factors
+
+
 def save_student(model, directory: Path, tokenizer, extra_files: dict[str, str]) -> None:
     """Write the student in its own format (native MLA with its modeling code, or stock DeepSeek-V3)."""
     if is_mla(model.config):

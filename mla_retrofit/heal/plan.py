@@ -94,7 +94,7 @@ def make_plan(cfg: HealConfig, world_size: int, params: dict[str, int], teacher:
     for i, (name, n) in enumerate(zip(PHASES, split_steps(total_steps(cfg, world_size), cfg.split))):
         if n == 0:
             continue
-        lr = cfg.lr * (cfg.full_lr_scale if name == "full" else 1.0)
+        lr = cfg.lr * {"imitate": cfg.imitate_lr_scale, "full": cfg.full_lr_scale}.get(name, 1.0)
         trainable = params.get("full", params["total"]) if name == "full" else params["attention"]
         phases.append(PhasePlan(
             index=i + 1, name=name, steps=n, lr=lr, warmup_steps=warmup_steps(cfg.warmup_fraction, n),

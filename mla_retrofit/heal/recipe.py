@@ -84,6 +84,7 @@ class HealRecipe(OutputMixin):
         self.out = Path(self.cfg.output)
         self.ckpt_root = self.out / "checkpoints"
         self._teacher = None
+        self._metrics: list[torch.Tensor] | None = None  # phase 1 metric factors (imitate_metric fisher)
 
     # -- setup ------------------------------------------------------------------------------------
     def make_plan(self, world_size: int) -> Plan:
@@ -380,7 +381,24 @@ class HealRecipe(OutputMixin):
         inputs, targets = models.teacher_attention(self.teacher(), student, batch.ids, batch.positions)
         position_embeddings = student.model.rotary_emb(inputs[0], batch.positions)
         mask = causal_mask(student.config, inputs[0], batch.positions)
-        return imitation_loss(wrapped(inputs, position_embeddings, mask), targets)
+        return imitation_loss(wrapped(inputs, position_embeddings, mask), targets, self.imitation_metrics())
+
+    def imitation_metrics(self) -> list[torch.Tensor] | None:
+        """Phase 1's per-layer metric factors (``imitate_metric fisher``), estimated once on the first windows."""
+        if self.cfg.imitate_metric != "fisher":
+            return None
+        if self._metrics is None:
+            cfg, device = self.cfg, self.engine.device
+            n = min(cfg.fisher_windows, self.ids.shape[0])
+
+            def report(done: int, total: int) -> None:
+                if self.engine.is_main:
+                    self.progress("fisher", done, total, {})
+
+            factors = models.attention_fisher(self.teacher(), self.ids[:n].to(device).long(),
+                                              self.positions[:n].to(device).long(), cfg.fisher_ridge, cfg.seed, report)
+            self._metrics = [f.to(device) for f in factors]
+        return self._metrics
 
     # -- checkpoints and output ------------------------------------------------------------------
     def save(self, state: ResumeState, module, wrapped=None, optimizer=None, scheduler=None,
