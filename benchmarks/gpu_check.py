@@ -2,7 +2,8 @@
 
     python benchmarks/gpu_check.py --out gpu_check.json [--sections correctness,healing,speed] [--layers 32]
 
-1. Correctness on CUDA, tiny random models of each family converted here (fp32, TF32 off): lossless
+1. Correctness on CUDA, tiny random models of each family converted here (fp32, TF32 off; the calibration
+   text sampled from each on the GPU, recorded as ``calib_samples_device``): lossless
    conversion reproduces the original's logits; cached greedy decode equals the full forward; absorbed
    equals expanded attention; static and dynamic caches generate the same tokens; measured cache bytes
    after generate() equal the analytic figure; bf16 runs and its KL to fp32 is reported.
@@ -51,6 +52,9 @@ def correctness(tmp: Path) -> dict:
             dst = tmp / f"{family}-{ratio}"
             convert(ConvertConfig(model=str(src), output=str(dst), kv_ratio=ratio, calib_samples=8, calib_seq_len=96,
                                   eval_samples=2, eval_seq_len=64))
+        # the default calibration text is sampled from the source: on the GPU when there is one
+        with open(tmp / f"{family}-0.5" / "data" / "teacher-samples.jsonl") as f:
+            row["calib_samples_device"] = json.loads(f.readline())["device"]
         orig = AutoModelForCausalLM.from_pretrained(str(src), attn_implementation="sdpa").to(dev).eval()
         lossless = AutoModelForCausalLM.from_pretrained(str(tmp / f"{family}-1.0"), trust_remote_code=True,
                                                         attn_implementation="sdpa").to(dev).eval()
@@ -121,7 +125,15 @@ def healing(tmp: Path) -> dict:
     a = load_file(str(tmp / "healed-full" / "model.safetensors"))
     b = load_file(str(tmp / "healed-resumed" / "model.safetensors"))
     diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-    return {"steps": 6, "seconds": full_s, "resume_max_abs_diff": diff, "device": torch.cuda.get_device_name(0)}
+    # the default data: text sampled from the teacher on the GPU, then distilled on (3 steps)
+    t0 = time.time()
+    sampled = heal(HealConfig(model=str(mla), output=str(tmp / "healed-samples"), data="teacher-samples", samples=8,
+                              sample_tokens=48, seq_len=64, batch_size=4, grad_accum=1, steps=3, warmup_fraction=0.0))
+    with open(tmp / "healed-samples" / "data" / "teacher-samples.jsonl") as f:
+        header = json.loads(f.readline())
+    return {"steps": 6, "seconds": full_s, "resume_max_abs_diff": diff, "device": torch.cuda.get_device_name(0),
+            "teacher_samples_heal": {"seconds": time.time() - t0, "sample_precision": header["precision"],
+                                     "dev_kl": [e.get("kl") for e in sampled.evals]}}
 
 
 def speed(layers: int, cases: list[tuple[int, int, tuple[str, ...]]], on_row=None) -> list[dict]:
@@ -199,7 +211,7 @@ def main() -> None:
             try:
                 result[name] = fn()
             except Exception:  # report and go on: one broken section must not hide the others
-                result[name] = {"error": traceback.format_exc()[-2000:]}
+                result[name] = {"error": traceback.format_exc()}
             result[f"{name}_seconds"] = time.time() - t0
             save()
             print(name, "done", flush=True)

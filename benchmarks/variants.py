@@ -3,7 +3,8 @@
     python benchmarks/variants.py --ratio 0.5 --variants '{"base": {}, "uniform": {"rank_allocation": "uniform"}}'
     python benchmarks/variants.py --ratio 0.125,0.25,0.5 --variants '{"exportable": {"rope_dim": {"0.25": 32}}}'
 
-Each variant is a set of ConvertConfig overrides; fidelity is measured on held-out text: ``--text
+Each variant is a set of ConvertConfig overrides; the calibration text sampled from the source (the default) is
+sampled once per draw and shared by the variants. Fidelity is measured on held-out text: ``--text
 persuasion`` (Austen's novel, another domain than the calibration, see heldout.py; the default) or
 ``builtin-eval`` (the Python Language Reference, the calibration's own domain).
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from mla_retrofit import data
 from mla_retrofit.bench.fidelity import compare
+from mla_retrofit.convert.config import calib_parts
 from mla_retrofit.convert.pipeline import ConvertConfig, convert
 from mla_retrofit.sources import EMBEDDED_DEFAULT, load_model, resolve
 
@@ -30,7 +32,7 @@ def main() -> None:
     ap.add_argument("--variants", required=True, help="JSON object: name -> ConvertConfig overrides")
     ap.add_argument("--eval-samples", type=int, default=8)
     ap.add_argument("--eval-seq-len", type=int, default=512)
-    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-samples", type=int, default=None, help="default: the conversion's own")
     ap.add_argument("--text", choices=["persuasion", "builtin-eval"], default="persuasion")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -46,6 +48,7 @@ def main() -> None:
     baseline = load_model(args.model)
     rows = []
     runs = [(float(r), name, ov) for r in args.ratio.split(",") for name, ov in json.loads(args.variants).items()]
+    shared = tempfile.TemporaryDirectory()
     for ratio, name, overrides in runs:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.time()
@@ -55,6 +58,18 @@ def main() -> None:
             budget = {} if {"kv_dim", "rank", "kv_ratio"} & set(overrides) else {"kv_ratio": ratio}
             cfg = ConvertConfig(model=args.model, output=str(Path(tmp) / "m"), calib_samples=args.calib_samples,
                                 **budget, **overrides)
+            parts = calib_parts(cfg.calib)
+            if data.TEACHER_SAMPLES in parts:  # sample the source once: every variant of a draw reads the same
+                # text (a conversion from its saved samples is identical to one that samples, tests/test_convert.py)
+                i = parts.index(data.TEACHER_SAMPLES)
+                share = cfg.calib_samples // len(parts) + (i < cfg.calib_samples % len(parts))
+                cache = Path(shared.name) / f"{share}-{cfg.calib_seq_len}-{cfg.calib_seed}.jsonl"
+                if not cache.is_file():
+                    from mla_retrofit.convert.teacher import calibration_texts
+
+                    calibration_texts(args.model, tok, share, cfg.calib_seq_len, cfg.calib_seed, cache)
+                parts[i] = str(cache)
+                cfg = ConvertConfig(**{**cfg.as_dict(), "calib": "+".join(parts)})
             res = convert(cfg, source=source)
             fid = compare(load_model(str(Path(tmp) / "m")), baseline, ids)
             row = {"variant": name, "text": args.text, "target_ratio": ratio, "overrides": overrides, "kv_ratio": res.kv_ratio,

@@ -165,9 +165,13 @@ def convert(
                                                                  f"{_d('sensitivity_power')}"),
     min_rank_fraction: Optional[float] = typer.Option(None, help="Adaptive: lowest rank as a fraction of the uniform "
                                                                  f"rank. {_d('min_rank_fraction')}"),
-    calib: Optional[str] = typer.Option(None, help="Calibration data: 'builtin', a Hub dataset id, "
-                                                   f".jsonl/.parquet/.txt. {_d('calib')}"),
-    calib_samples: Optional[int] = typer.Option(None, help=f"Calibration windows. {_d('calib_samples')}"),
+    calib: Optional[str] = typer.Option(None, help="Calibration data: 'teacher-samples' (text sampled from the "
+                                                   "source itself; holds the whole model in memory while it samples), "
+                                                   "'builtin' (stdlib docstrings), a Hub dataset id or a "
+                                                   ".jsonl/.parquet/.txt file; several joined by '+' take equal "
+                                                   f"shares of the windows. {_d('calib')}"),
+    calib_samples: Optional[int] = typer.Option(None, help="Calibration windows [default: 32 when teacher-samples is "
+                                                           "part of --calib, else 64]"),
     calib_seq_len: Optional[int] = typer.Option(None, help=f"Tokens per calibration window. {_d('calib_seq_len')}"),
     calib_seed: Optional[int] = typer.Option(None, help="The calibration documents are shuffled with this seed before "
                                                         "windows are cut (another seed: another draw of the same "
@@ -296,8 +300,10 @@ def inspect(
     rank: Optional[int] = typer.Option(None, help="Planned uniform rank."),
     rope_dim: Optional[int] = typer.Option(None, help="Planned RoPE dims."),
     dtype: str = typer.Option("bf16", help="Dtype for byte figures."),
-    calib_samples: int = typer.Option(64, help="Planned calibration windows (for the memory estimate)."),
+    calib_samples: int = typer.Option(32, help="Planned calibration windows (for the memory estimate)."),
     calib_seq_len: int = typer.Option(512, help="Planned calibration window length."),
+    calib: str = typer.Option("teacher-samples+builtin", help="Planned calibration data (teacher-samples holds the "
+                                                              "whole model while it samples)."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Read only the config: architecture, support, KV cache now and after conversion, memory needed.
@@ -312,7 +318,7 @@ def inspect(
 
     with user_errors():
         p = plan(model, kv_ratio=kv_ratio, kv_dim=kv_dim, rank=rank, rope_dim=rope_dim, dtype=dtype,
-                 calib_samples=calib_samples, calib_seq_len=calib_seq_len)
+                 calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib=calib)
         if json_out:
             typer.echo(json.dumps(p, indent=2))
             return

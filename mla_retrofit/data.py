@@ -165,6 +165,8 @@ def texts(spec: str, tokenizer=None) -> list[str]:
         rows = [{"messages": m} for m in builtin_chat()]
     else:
         rows = read_records(spec)
+        if rows and rows[0].get("kind") == TEACHER_SAMPLES:  # sampled text a conversion or heal cached
+            rows = rows[1:]
     if not rows:
         raise UserError(f"dataset '{spec}' is empty")
     out = []

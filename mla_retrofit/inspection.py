@@ -21,7 +21,7 @@ def parameter_count(c) -> dict:
 
 
 def plan(model: str, kv_ratio=None, kv_dim=None, rank=None, rope_dim=None, dtype="bf16",
-         calib_samples=64, calib_seq_len=512) -> dict:
+         calib_samples=32, calib_seq_len=512, calib="teacher-samples+builtin") -> dict:
     nb = dtypes.cache_bytes(dtype)
     c = load_config(model)
     spec = architectures.spec_for(c)
@@ -39,6 +39,12 @@ def plan(model: str, kv_ratio=None, kv_dim=None, rank=None, rope_dim=None, dtype
                         + params["per_layer"] * 4 * 3)
     if rank is None:
         convert_peak = max(convert_peak, sensitivity_peak)
+    if "teacher-samples" in calib.split("+"):
+        # sampling the calibration text (convert/teacher.py), computed: the whole model in fp32 and one batch's
+        # key/value cache (at most 96 texts of prompt + calib_seq_len tokens, fp32 at worst); on a GPU, GPU memory
+        batch = min(96, -(-calib_samples * 5 // 4))
+        kv = batch * (calib_seq_len + 64) * L * 2 * c.num_key_value_heads * h * 4
+        convert_peak = max(convert_peak, 0.5e9 + params["total"] * 4 + kv)
     heal_bytes = params["total"] * (2 + 2 + 12) + params["total"] * 2  # bf16 weights+grads, fp32 Adam+master, teacher
     return {
         "architecture": f"{c.model_type} ({spec.notes})",
@@ -60,7 +66,9 @@ def plan(model: str, kv_ratio=None, kv_dim=None, rank=None, rope_dim=None, dtype
         },
         "convert_memory_estimate_gb": round(convert_peak / 1e9, 2),
         "heal_memory_estimate_gb": round(heal_bytes / 1e9, 1),
-        "memory_notes": "convert: runtime + one layer (fp32, twice) + embeddings + calibration activations, flat in depth; "
+        "memory_notes": "convert: runtime + one layer (fp32, twice) + embeddings + calibration activations, flat in depth, "
+                        "or, while it samples its calibration text (--calib teacher-samples), the whole model and "
+                        "one batch's KV cache; "
                         "heal: bf16 weights and grads, fp32 master weights and AdamW states, bf16 teacher, "
                         "activations extra (use --gradient-checkpointing)",
     }

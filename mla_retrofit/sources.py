@@ -228,12 +228,18 @@ def resolve(name: str) -> Source:
     return Source(name=name, config=config, weights=weights, directory=directory, gguf_file=gguf)
 
 
+#: transformers swaps layers for kernels downloaded from the Hub when the ``kernels`` package is installed
+#: (on CUDA, at ``.train()``/``.eval()``): offline that raises, and it changes numerics. Every load opts out.
+NO_HUB_KERNELS = {"use_kernels": False}
+
+
 def _load_gguf_model(directory: Path, gguf: str, dtype: torch.dtype, attn_implementation: str | None = None):
     from transformers import AutoModelForCausalLM
 
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf, dtype=dtype, **NO_HUB_KERNELS,
+                                                     **kwargs)
     except ImportError as e:
         raise UserError(f"loading GGUF needs the 'gguf' package ({e}); run: pip install gguf") from e
     except INPUT_ERRORS as e:
@@ -251,13 +257,18 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, attn_implementatio
     if gguf:
         model = _load_gguf_model(directory, gguf, dtype, attn_implementation)
     else:
-        kwargs = {"dtype": dtype}
+        kwargs = {"dtype": dtype, **NO_HUB_KERNELS}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
+        from safetensors import SafetensorError
+
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 str(directory), trust_remote_code=_is_mla_dir(directory), **kwargs
             )
+        except SafetensorError as e:
+            raise UserError(f"cannot load model '{name}': a weight file is truncated or corrupt ({e}); "
+                            "re-download it") from e
         except INPUT_ERRORS as e:
             raise UserError(f"cannot load model '{name}' ({type(e).__name__}: {e})") from e
     return model.eval()

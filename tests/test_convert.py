@@ -1,5 +1,6 @@
 """Conversion maths on small matrices, and conversion properties on tiny models."""
 
+import json
 import math
 
 import pytest
@@ -319,3 +320,68 @@ def test_engine_flag_sets_the_servable_form_and_refuses_contradictions():
                      ({"rope_layout": "free"}, "--rope-layout"), ({"method": "weight-svd"}, "--method")):
         with pytest.raises(UserError, match=f"drop {flag} or --engine"):
             ConvertConfig(model="m", output="o", engine=True, **kw)
+
+
+def test_calibration_text_is_sampled_from_the_source_topped_up_and_cached(tiny_src, tmp_path, monkeypatch):
+    """The default calibration (``teacher-samples``) samples the source until the windows are full, drawing each
+    top-up with its own seed, writes the texts to the output, and reads them back instead of sampling again."""
+    from mla_retrofit.convert import teacher
+    from mla_retrofit.heal import samples
+
+    src = tiny_src("llama")
+    real, seeds = samples.sample, []
+
+    def short(model, tok, n, length, seed, **kw):  # a draw that comes back short: a third of the texts asked
+        seeds.append(seed)
+        return real(model, tok, n, length, seed, **kw)[: max(1, n // 3)]
+
+    monkeypatch.setattr(samples, "sample", short)
+    out = tmp_path / "o"
+    convert(ConvertConfig(model=str(src), output=str(out), kv_ratio=0.5, calib="teacher-samples", calib_samples=6,
+                          calib_seq_len=64, eval_samples=2, eval_seq_len=32))
+    assert len(seeds) >= 2 and len(set(seeds)) == len(seeds)  # topped up, every round a new draw
+    cached = out / "data" / "teacher-samples.jsonl"
+    header = json.loads(cached.read_text().splitlines()[0])
+    assert header["purpose"] == "calibration" and header["windows"] == 6 and header["teacher"] == str(src)
+    texts = samples.read_cached(cached, header)
+    tok = Converter(ConvertConfig(model=str(src), output=str(tmp_path / "x"))).source.tokenizer()
+    assert sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts) >= 6 * 64
+    assert json.loads((out / "conversion.json").read_text())["config"]["calib"] == "teacher-samples"
+
+    def forbidden(*a, **kw):
+        raise AssertionError("sampled again although the cache holds these settings")
+
+    monkeypatch.setattr(samples, "sample", forbidden)
+    again = teacher.calibration_texts(str(src), tok, 6, 64, 1, cached)
+    assert again == texts
+    with pytest.raises(AssertionError, match="sampled again"):  # other settings are not served from the cache
+        teacher.calibration_texts(str(src), tok, 6, 64, 2, cached)
+
+
+def test_a_conversions_saved_calibration_text_reproduces_it(tiny_src, tmp_path):
+    """``--calib OUT/data/teacher-samples.jsonl+builtin`` (the text the default conversion sampled, in the same
+    mixture) gives the same tensors as sampling again: another budget or variant can reuse one draw."""
+    from safetensors.torch import load_file
+
+    src = tiny_src("qwen2")
+    kw = dict(model=str(src), kv_ratio=0.5, calib_samples=6, calib_seq_len=64, eval_samples=2, eval_seq_len=32)
+    convert(ConvertConfig(output=str(tmp_path / "a"), **kw))
+    saved = tmp_path / "a" / "data" / "teacher-samples.jsonl"
+    convert(ConvertConfig(output=str(tmp_path / "b"), calib=f"{saved}+builtin", **kw))
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_calibration_mixture_takes_equal_shares_and_interleaves_them(tiny_src, tmp_path):
+    from mla_retrofit import data
+
+    src = tiny_src("llama")
+    conv = Converter(ConvertConfig(model=str(src), output=str(tmp_path / "o"), calib="builtin+builtin-eval",
+                                   calib_samples=5, calib_seq_len=32))
+    ids = conv._windows()
+    tok = conv.source.tokenizer()
+    a = data.token_windows(data.texts("builtin"), tok, 3, 32, seed=1)
+    b = data.token_windows(data.texts("builtin-eval"), tok, 2, 32, seed=1)
+    assert torch.equal(ids, torch.stack([a[0], b[0], a[1], b[1], a[2]]))
+    with pytest.raises(UserError, match="mixture joins data specs"):
+        ConvertConfig(model=str(src), output=str(tmp_path / "p"), calib="builtin+")

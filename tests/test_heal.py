@@ -453,3 +453,17 @@ def test_resume_mid_phase_1_and_mid_phase_3(mla_dir, healed8, tmp_path, phase, i
     expected, got = weights(healed8), weights(out)
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
+
+
+def test_phase_one_puts_the_whole_student_on_the_engine_device(mla_dir, tmp_path):
+    """Phase 1 hands the engine only the attention stack; the student's embeddings, MLPs and head must be on
+    the engine's device too, for the phase's evaluation (on CUDA a student left half on the CPU failed)."""
+    from types import SimpleNamespace
+
+    rec = recipe.HealRecipe(config(mla_dir, tmp_path / "o"))
+    rec.plan = rec.make_plan(1)
+    rec.engine = SimpleNamespace(device=torch.device("meta"))  # any device the CPU default is not
+    rec._teacher = SimpleNamespace(model=SimpleNamespace(layers=[None] * 2))
+    student = models.load_student(str(mla_dir))
+    rec.phase_module(SimpleNamespace(name="imitate"), student)
+    assert {p.device.type for p in student.parameters()} == {"meta"}

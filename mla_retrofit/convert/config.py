@@ -6,6 +6,7 @@ so the defaults below are the only ones.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -30,8 +31,12 @@ class ConvertConfig(Config):
     sensitivity_samples: int = Field(4, ge=1)  # calibration windows the layer sensitivities are measured on
     sensitivity_power: float = Field(0.5, ge=0, le=1)  # weights s_l ** power (0: the eigen-tail rule, adaptive)
     min_rank_fraction: float = Field(0.25, gt=0, le=1)
-    calib: str = "builtin"
-    calib_samples: int = Field(64, ge=1)
+    # half text sampled from the source itself (convert/teacher.py), half stdlib docstrings (docs/benchmarks.md §9);
+    # one spec or several joined by '+': teacher-samples, builtin, a .jsonl/.parquet/.txt file, a Hub dataset id
+    calib: str = "teacher-samples+builtin"
+    # None: 32 windows when the source samples part of them (as good as 64 on SmolLM2, docs/benchmarks.md §9;
+    # sampling is most of the cost), else 64
+    calib_samples: int | None = Field(None, ge=1)
     calib_seq_len: int = Field(512, ge=16)
     calib_seed: int = Field(1, ge=0)  # documents shuffled with this seed before windows are cut; 0: corpus order
     batch_size: int = Field(8, ge=1)
@@ -64,6 +69,9 @@ class ConvertConfig(Config):
         if self.rope_dim is not None and (self.rope_dim < 0 or self.rope_dim % 2):
             raise UserError(f"--rope-dim must be an even number, got {self.rope_dim}")
         object.__setattr__(self, "dtype", dtypes.canonical(self.dtype, "--dtype", auto=True))
+        calib_parts(self.calib)
+        if self.calib_samples is None:
+            object.__setattr__(self, "calib_samples", 32 if "teacher-samples" in self.calib.split("+") else 64)
         if self.engine:
             for name, need, flag in ENGINE_FORM:
                 if name in self.model_fields_set and getattr(self, name) != need:
@@ -76,3 +84,13 @@ class ConvertConfig(Config):
 ENGINE_FORM = (("method", "mla", "--method mla"), ("rope_layout", "deepseek", "--rope-layout deepseek"),
                ("rank_allocation", "uniform", "--rank-allocation uniform (one rank for every layer)"),
                ("centre", False, "--no-centre (no bias on the latent)"))
+
+
+def calib_parts(spec: str) -> list[str]:
+    """The parts of a ``--calib`` mixture (``teacher-samples+builtin``); an existing path is one part."""
+    if "+" not in spec or Path(spec).expanduser().exists():
+        return [spec]
+    parts = spec.split("+")
+    if any(not p.strip() for p in parts):
+        raise UserError(f"--calib {spec!r}: a mixture joins data specs with '+', e.g. teacher-samples+builtin")
+    return [p.strip() for p in parts]

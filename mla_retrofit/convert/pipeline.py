@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,7 +31,7 @@ from ..modeling.modeling_mla import MLARetrofitDecoderLayer, MLARetrofitRotaryEm
 from ..sources import Source, resolve
 from . import allocate, factorize
 from .calibrate import LayerStats, accumulate
-from .config import ConvertConfig
+from .config import ConvertConfig, calib_parts
 from .layer import ALPHAS, AttnWeights, attention_state, factorization, metric, plan_rope, refit_values, targets
 from .partial import RESUME_FREE, PartialRun, source_fingerprint
 from .report import ConversionResult, LayerReport, conversion_record, model_card, peak_rss_mb
@@ -85,14 +86,33 @@ class Converter:
         layer.load_state_dict(state)
         return layer.float().eval()
 
-    def _windows(self) -> torch.Tensor:
+    def _windows(self, work: PartialRun | None = None) -> torch.Tensor:
+        """The calibration windows: ``calib_samples`` x ``calib_seq_len`` tokens. A mixture (``A+B``) takes an
+        equal share of windows from each part and interleaves them, so any first few windows hold every part."""
+        cfg = self.cfg
         tok = self.source.tokenizer()
-        texts = data.texts(self.cfg.calib, tok)
-        ids = data.token_windows(texts, tok, self.cfg.calib_samples, self.cfg.calib_seq_len,
-                                 seed=self.cfg.calib_seed)
-        if ids.shape[0] < self.cfg.calib_samples:
-            self.notes.append(f"calibration data gave {ids.shape[0]} windows of {self.cfg.calib_seq_len} tokens, not {self.cfg.calib_samples}")
+        parts = calib_parts(cfg.calib)
+        shares = [cfg.calib_samples // len(parts) + (i < cfg.calib_samples % len(parts)) for i in range(len(parts))]
+        got = []
+        for spec, share in zip(parts, shares):
+            if spec == data.TEACHER_SAMPLES:
+                from .teacher import calibration_texts
+
+                report = lambda done, total: self.progress("samples", done, total)  # noqa: E731
+                texts = calibration_texts(cfg.model, tok, share, cfg.calib_seq_len, cfg.calib_seed,
+                                          work and self._samples_path(work), report)
+            else:
+                texts = data.texts(spec, tok)
+            got.append(data.token_windows(texts, tok, share, cfg.calib_seq_len, seed=cfg.calib_seed))
+        order = [w for j in range(max(len(g) for g in got)) for w in (g[j] for g in got if j < len(g))]
+        ids = torch.stack(order)
+        if ids.shape[0] < cfg.calib_samples:
+            self.notes.append(f"calibration data gave {ids.shape[0]} windows of {cfg.calib_seq_len} tokens, not {cfg.calib_samples}")
         return ids
+
+    @staticmethod
+    def _samples_path(work: PartialRun) -> Path:
+        return work.dir / "teacher-samples.jsonl"
 
     def _rope(self, t: int):
         x = torch.zeros(1, t, 1)
@@ -165,7 +185,7 @@ class Converter:
         work = PartialRun(out_dir, self.fingerprint(), self.n_layers, resume=cfg.resume,
                           discard=cfg.overwrite and not cfg.resume)
         self.notes += work.notes
-        ids = self._windows()
+        ids = self._windows(work)
         cos, sin = self._rope(ids.shape[1])
         inv_freq = self.rotary.inv_freq.double()
         scaling = float(getattr(self.rotary, "attention_scaling", 1.0))
@@ -259,6 +279,9 @@ class Converter:
                     writer.adopt(work.b_path(i), f)
                 f.close()
             self._write_rest(writer, tmp, mla_cfg)
+            if self._samples_path(work).is_file():  # the calibration text, for a rerun or a heal (--data)
+                (tmp / "data").mkdir()
+                shutil.copyfile(self._samples_path(work), tmp / "data" / "teacher-samples.jsonl")
             writer.close()
             result.kv_original = self.n_layers * self.budget.full
             result.kv_converted = sum(mla_cfg.cache_values_per_token())

@@ -27,7 +27,7 @@ from ..checkpoint import save_mla_model
 from ..errors import UserError
 from ..modeling.configuration_mla import MLARetrofitConfig
 from ..modeling.modeling_mla import MLARetrofitForCausalLM
-from ..sources import EMBEDDED_DEFAULT, embedded_gguf_path, is_hub_id, recorded_source
+from ..sources import EMBEDDED_DEFAULT, NO_HUB_KERNELS, embedded_gguf_path, is_hub_id, recorded_source
 from ..sources import load_model as load_source_model
 
 
@@ -80,7 +80,8 @@ def student_classes(directory: str):
 def load_student(directory: str):
     """The student in float32 (the training master copy), SDPA attention."""
     _, model_cls = student_classes(directory)
-    model = model_cls.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa").train()
+    model = model_cls.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa",
+                                      **NO_HUB_KERNELS).train()
     if model.config.model_type == "deepseek_v3":
         scale_latent_rows(model)
     return model

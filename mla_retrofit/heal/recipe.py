@@ -258,6 +258,9 @@ class HealRecipe(OutputMixin):
             if len(teacher.model.layers) != len(student.model.layers):
                 raise UserError(f"the teacher {self.plan.teacher} has {len(teacher.model.layers)} layers, the "
                                 f"converted model {len(student.model.layers)}; pass the right --teacher")
+            # the engine places only the trained stack; the rest of the student runs at the phase's evaluation,
+            # so it goes to the same device (on a GPU a half-moved student failed there)
+            student.to(self.engine.device)
             return models.AttentionStack(student, self.cfg.gradient_checkpointing)
         if self.cfg.gradient_checkpointing:
             student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
