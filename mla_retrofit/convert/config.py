@@ -69,9 +69,9 @@ class ConvertConfig(Config):
         if self.rope_dim is not None and (self.rope_dim < 0 or self.rope_dim % 2):
             raise UserError(f"--rope-dim must be an even number, got {self.rope_dim}")
         object.__setattr__(self, "dtype", dtypes.canonical(self.dtype, "--dtype", auto=True))
-        calib_parts(self.calib)
+        sampled = "teacher-samples" in calib_parts(self.calib)
         if self.calib_samples is None:
-            object.__setattr__(self, "calib_samples", 32 if "teacher-samples" in self.calib.split("+") else 64)
+            object.__setattr__(self, "calib_samples", 32 if sampled else 64)
         if self.engine:
             for name, need, flag in ENGINE_FORM:
                 if name in self.model_fields_set and getattr(self, name) != need:

@@ -5,7 +5,7 @@ and prompts healing distils on). The statistics a conversion fits then come from
 puts its probability mass on, rather than from one corpus's domain. On SmolLM2-135M at 50% KV, samples
 alone took the held-out perplexity ratio on *Persuasion* from 1.442x (stdlib docstrings) to 1.293x but
 the Python Language Reference's from 1.241x to 1.822x; the default mixes both (``teacher-samples+builtin``,
-1.296x on *Persuasion*; ``docs/benchmarks.md`` §9).
+1.295x on *Persuasion*; ``docs/benchmarks.md`` §9).
 
 Sampling holds the whole source model in memory (the rest of the conversion holds one layer at a time):
 on a GPU when one is visible, else on the CPU, in bf16 where the hardware multiplies it natively. The
