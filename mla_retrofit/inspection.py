@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 from . import architectures
 from . import dtypes
 from .convert.allocate import resolve_budget
+from .convert.config import calib_parts
+from .convert.teacher import OVERSAMPLE
+from .data import TEACHER_SAMPLES
 from .errors import UserError
-from .sources import load_config
+from .sources import _locate, load_config
 
 
 def parameter_count(c) -> dict:
@@ -39,12 +44,16 @@ def plan(model: str, kv_ratio=None, kv_dim=None, rank=None, rope_dim=None, dtype
                         + params["per_layer"] * 4 * 3)
     if rank is None:
         convert_peak = max(convert_peak, sensitivity_peak)
-    if "teacher-samples" in calib.split("+"):
+    parts = calib_parts(calib)
+    if TEACHER_SAMPLES in parts:
         # sampling the calibration text (convert/teacher.py), computed: the whole model in fp32 and one batch's
         # key/value cache (at most 96 texts of prompt + calib_seq_len tokens, fp32 at worst); on a GPU, GPU memory
-        batch = min(96, -(-calib_samples * 5 // 4))
+        # (an upper bound: the batch as if every window were sampled). A GGUF source is also held dequantized
+        # (fp32) while it samples; safetensors shards are read lazily.
+        batch = min(96, math.ceil(calib_samples * OVERSAMPLE))
         kv = batch * (calib_seq_len + 64) * L * 2 * c.num_key_value_heads * h * 4
-        convert_peak = max(convert_peak, 0.5e9 + params["total"] * 4 + kv)
+        held = params["total"] * 4 if _locate(model)[1] else 0
+        convert_peak = max(convert_peak, 0.5e9 + params["total"] * 4 + held + kv)
     heal_bytes = params["total"] * (2 + 2 + 12) + params["total"] * 2  # bf16 weights+grads, fp32 Adam+master, teacher
     return {
         "architecture": f"{c.model_type} ({spec.notes})",

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .. import dtypes
+from ..data import TEACHER_SAMPLES
 from ..errors import UserError
 from ..typed import Config
 
@@ -69,7 +70,7 @@ class ConvertConfig(Config):
         if self.rope_dim is not None and (self.rope_dim < 0 or self.rope_dim % 2):
             raise UserError(f"--rope-dim must be an even number, got {self.rope_dim}")
         object.__setattr__(self, "dtype", dtypes.canonical(self.dtype, "--dtype", auto=True))
-        sampled = "teacher-samples" in calib_parts(self.calib)
+        sampled = TEACHER_SAMPLES in calib_parts(self.calib)
         if self.calib_samples is None:
             object.__setattr__(self, "calib_samples", 32 if sampled else 64)
         if self.engine:
