@@ -183,6 +183,13 @@ def convert(
                                                        f"{_d('value_fit')}"),
     att_samples: Optional[int] = typer.Option(None, help="Calibration windows used for the attention-averaged value "
                                                          f"statistics. {_d('att_samples')}"),
+    refit_output: Optional[bool] = typer.Option(None, "--refit-output/--no-refit-output",
+                                                help="Refit each layer's o_proj in closed form so that, on the "
+                                                     "calibration text, the converted residual stream after its "
+                                                     "attention lands on the source's. "
+                                                     f"{_d('refit_output')}"),
+    refit_ridge: Optional[float] = typer.Option(None, help="That refit's ridge toward the source's o_proj, relative "
+                                                           f"to its mean input energy. {_d('refit_ridge')}"),
     rope_layout: Optional[str] = typer.Option(None, help="free (data-driven RoPE pairs) | deepseek (exportable "
                                                          f"table). {_d('rope_layout')}"),
     nope_fit: Optional[str] = typer.Option(None, help="Dropped RoPE pairs: averaged (stand in the attention-averaged "

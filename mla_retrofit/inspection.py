@@ -36,8 +36,10 @@ def plan(model: str, kv_ratio=None, kv_dim=None, rank=None, rope_dim=None, dtype
     params = parameter_count(c)
     act = calib_samples * calib_seq_len * c.hidden_size * 4
     # measured at the Qwen2.5-1.5B shape (docs/benchmarks.md §2): runtime + the embedding table in bf16 +
-    # one source layer and its MLA replacement in fp32 + calibration activations in and out
-    convert_peak = 0.5e9 + params["embedding"] * 2 + params["per_layer"] * 4 * 2 + 2 * act
+    # one source layer and its MLA replacement in fp32 + calibration activations in and out; the output refit
+    # (on by default) adds the source's stream after attention (its target), the heads' outputs and the copy
+    # saved for resume: 5 x the activations in all (computed)
+    convert_peak = 0.5e9 + params["embedding"] * 2 + params["per_layer"] * 4 * 2 + 5 * act
     # the sensitivity pass (rank allocation, docs/method.md §4), computed not measured: the output head in fp32,
     # every layer's input on 4 windows, one layer with its gradients
     sensitivity_peak = (0.5e9 + params["embedding"] * (2 + 4) + 4 * calib_seq_len * c.hidden_size * 4 * (L + 2)

@@ -50,6 +50,11 @@ class ConvertConfig(Config):
     nope_fit: Literal["averaged", "unrotated"] = "averaged"
     centre: bool = True  # False: bias-free latent (no centring), exact in the bias-free engine export
     att_samples: int = Field(16, ge=0)
+    # after a layer is factorized, its o_proj is refit in closed form (ridge least squares toward the source's
+    # o_proj) so that, on the calibration text, the converted model's residual stream after that attention lands
+    # on the source's (docs/method.md §3; docs/benchmarks.md §9)
+    refit_output: bool = True
+    refit_ridge: float = Field(1.0, gt=0)  # relative to the mean input energy of o_proj (0.1: as good on SmolLM2)
     # the form engines serve (export --engine): DeepSeek RoPE table, one rank for all layers, bias-free latent
     engine: bool = False
     dtype: str = "auto"

@@ -6,7 +6,8 @@ layer is done, each file written under a temporary name and renamed into place:
 - ``a-0000i.pt``: pass A's calibration statistics, RoPE plan and weighted spectrum of layer ``i``;
 - ``a-hidden.pt``: the calibration hidden states after the last calibrated layer (one copy, replaced);
 - ``b-0000i.safetensors``: layer ``i`` converted, in the output dtype, its report in the metadata;
-- ``b-hidden.pt``: with ``--propagate converted``, the hidden states after the last converted layer;
+- ``b-hidden.pt``: with ``--propagate converted`` or the output refit, the converted model's hidden states after
+  the last converted layer (the ``a`` files then also hold the source's residual stream after each attention);
 - ``run.json``: what the run was asked to do (the config and the source's files), so ``--resume``
   refuses to mix two different conversions.
 
@@ -86,9 +87,11 @@ class PartialRun:
     def a_path(self, i: int) -> Path:
         return self.dir / f"a-{i:05d}.pt"
 
-    def save_a(self, i: int, stats, plan, spectrum: torch.Tensor, hidden: torch.Tensor) -> None:
+    def save_a(self, i: int, stats, plan, spectrum: torch.Tensor, hidden: torch.Tensor,
+               target: torch.Tensor | None = None) -> None:
+        """``target``: the source's residual stream after this layer's attention (the output refit's target)."""
         faults.point("convert.calibrate")
-        _save({"stats": stats, "plan": plan, "spectrum": spectrum}, self.a_path(i))
+        _save({"stats": stats, "plan": plan, "spectrum": spectrum, "target": target}, self.a_path(i))
         _save({"layer": i, "hidden": hidden}, self.dir / "a-hidden.pt")
 
     def load_a(self, i: int) -> dict:

@@ -140,8 +140,12 @@ class Converter:
         return self.source.weights.has(self.spec.layer_prefix.format(i=0) + f"self_attn.{proj}.bias")
 
     # -- pass A: statistics and RoPE plans --------------------------------------------------------
-    def _run_layer(self, layer, hidden: torch.Tensor, cos, sin, stats: LayerStats | None) -> torch.Tensor:
-        """Run ``layer`` over the calibration batch (collecting ``stats`` on its attention inputs); returns outputs."""
+    def _run_layer(self, layer, hidden: torch.Tensor, cos, sin, stats: LayerStats | None,
+                   post_attention: torch.Tensor | None = None) -> torch.Tensor:
+        """Run ``layer`` over the calibration batch (collecting ``stats`` on its attention inputs); returns outputs.
+
+        ``post_attention``, if given, is filled with the residual stream right after the attention (``h + attn``).
+        """
         out = torch.empty_like(hidden)
         attn = layer.self_attn
         captured = {}
@@ -149,7 +153,11 @@ class Converter:
         def hook(_mod, args, kwargs):
             captured["x"] = kwargs.get("hidden_states", args[0] if args else None)
 
+        def out_hook(_mod, _args, _kwargs, output):
+            captured["a"] = output[0]
+
         handle = attn.register_forward_pre_hook(hook, with_kwargs=True) if stats is not None else None
+        out_handle = attn.register_forward_hook(out_hook, with_kwargs=True) if post_attention is not None else None
         try:
             bs = self.cfg.batch_size
             with torch.no_grad():
@@ -158,13 +166,16 @@ class Converter:
                     c, sn = cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1)
                     out[s : s + bs] = layer(h, attention_mask=None, position_embeddings=(c, sn),
                                             position_ids=torch.arange(h.shape[1]).unsqueeze(0))
+                    if post_attention is not None:
+                        post_attention[s : s + bs] = h + captured["a"]
                     if stats is not None:
                         accumulate(stats, attn, captured["x"], c, sn, self.n_heads,
                                    self.cfg.eval_samples, self.cfg.eval_seq_len, self.sliding,
                                    self.cfg.att_samples if self.cfg.value_fit == "attention" and self.cfg.method == "mla" else 0)
         finally:
-            if handle is not None:
-                handle.remove()
+            for hd in (handle, out_handle):
+                if hd is not None:
+                    hd.remove()
         return out
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -190,6 +201,7 @@ class Converter:
         inv_freq = self.rotary.inv_freq.double()
         scaling = float(getattr(self.rotary, "attention_scaling", 1.0))
 
+        refit = cfg.refit_output and cfg.method == "mla"
         # Pass A: statistics, RoPE plan and spectrum per layer, each saved as soon as it is done
         start, hidden = work.resume_a()
         if start < self.n_layers:
@@ -199,16 +211,17 @@ class Converter:
         for i in range(start, self.n_layers):
             layer = self._layer(i)
             stats = LayerStats(self.n_kv, self.head_dim)
-            hidden = self._run_layer(layer, hidden, cos, sin, stats)
+            target = torch.empty_like(hidden) if refit else None
+            hidden = self._run_layer(layer, hidden, cos, sin, stats, target)
             plan = plan_rope(stats, cfg.method, self.budget.rope_dim, inv_freq, self.n_heads, scaling, cfg.rope_layout,
                              cfg.nope_fit)
             tg = targets(stats, plan)
             g = metric(stats, plan, tg, AttnWeights.of(layer.self_attn), self.n_heads, 1.0) if cfg.method == "mla" else None
             stats.samples.clear()
             spectrum = factorize.weighted_spectrum(tg.cov, g)[0]
-            work.save_a(i, stats, plan, spectrum, hidden)
+            work.save_a(i, stats, plan, spectrum, hidden, target)
             kept[i] = (spectrum, [t for _, t in plan.kept])
-            del layer, stats, tg, g
+            del layer, stats, tg, g, target
             self.progress("calibrate", i + 1, self.n_layers)
         del hidden
         for i in range(start):  # layers a killed run calibrated: read back from its files
@@ -229,12 +242,13 @@ class Converter:
 
         # Pass B: factorize and write each layer to the partial directory
         converted = cfg.propagate == "converted"
-        start, hidden = work.resume_b(converted)
-        if converted and start < self.n_layers and hidden is None:
+        track = converted or refit  # pass B carries the converted model's hidden states through the layers
+        start, hidden = work.resume_b(track)
+        if track and start < self.n_layers and hidden is None:
             hidden = self._embed(ids)
         self.progress("convert", start, self.n_layers)
         for i in range(start, self.n_layers):
-            if not converted and work.b_path(i).is_file():
+            if not track and work.b_path(i).is_file():
                 self.progress("convert", i + 1, self.n_layers)
                 continue
             layer = self._layer(i)
@@ -247,11 +261,16 @@ class Converter:
                              cfg.nope_fit)
                 plan = _keep_freqs(plan, saved["plan"])
             mla_layer, report = self._convert_layer(i, layer, stats, plan, ranks[i], mla_cfg, cos, sin)
+            target = saved.get("target")
             del saved, stats
-            if converted:
+            if refit:
+                hidden, report.output_error, report.output_error_refit = self._refit_output(
+                    mla_layer, hidden, target, cos, sin)
+            elif track:
                 hidden = self._run_layer(mla_layer, hidden, cos, sin, None)
+            del target
             work.save_b(i, {f"model.layers.{i}.{k}": v.to(self.dtype) for k, v in mla_layer.state_dict().items()}, asdict(report),
-                        hidden if converted else None)
+                        hidden if track else None)
             del layer, mla_layer
             self.progress("convert", i + 1, self.n_layers)
 
@@ -348,6 +367,61 @@ class Converter:
             attn_error=err, alpha=alpha, rope_cost_kept=plan.info.get("rope_cost_kept"), value_fit=value_fit,
         )
         return mla_layer, report
+
+    @torch.no_grad()
+    def _refit_output(self, mla_layer, hidden, target, cos, sin):
+        """Refit ``mla_layer``'s ``o_proj`` so the converted residual stream after attention lands on the source's.
+
+        ``hidden`` is the converted model's residual stream entering this layer (after the MLA layers so far),
+        ``target`` the source's residual stream after this layer's attention (kept from pass A). With ``z`` the
+        MLA heads' concatenated outputs on ``hidden`` and ``y = target - hidden - b`` (``b`` the MLA ``o_proj``
+        bias), the new weight is the ridge solution toward the source's ``W_o``:
+        ``(Y Z^T + lam W_o)(Z Z^T + lam I)^-1``, ``lam`` = ``refit_ridge`` x the mean diagonal of ``Z Z^T``
+        (``heal.refit.solve``, the same solve as ``heal --refit``). It corrects, in the output space, what the
+        latent loses and the drift the layers before it left.
+
+        The layer runs once: returns the converted stream after this layer (with the refit ``o_proj``) and the
+        relative error of ``y`` on the calibration windows before and after the refit.
+        """
+        from ..heal.refit import solve
+
+        o = mla_layer.self_attn.o_proj
+        got = {}
+        hook = o.register_forward_pre_hook(lambda _m, args: got.__setitem__("z", args[0]))
+        n_in, n_out = o.in_features, o.out_features
+        zz = torch.zeros(n_in, n_in, dtype=torch.float64)
+        yz = torch.zeros(n_out, n_in, dtype=torch.float64)
+        yy, zs = 0.0, []
+        bs = self.cfg.batch_size
+        try:
+            for s in range(0, hidden.shape[0], bs):
+                h = hidden[s : s + bs]
+                c, sn = cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1)
+                mla_layer.self_attn(mla_layer.input_layernorm(h), position_embeddings=(c, sn))
+                zs.append(got["z"])
+                y = target[s : s + bs] - h
+                if o.bias is not None:
+                    y = y - o.bias
+                z, y = got["z"].reshape(-1, n_in), y.reshape(-1, n_out)
+                zz += (z.T @ z).double()
+                yz += (y.T @ z).double()
+                yy += float(y.double().square().sum())
+        finally:
+            hook.remove()
+        w0 = o.weight.double()
+        w = solve(zz, yz, w0, self.cfg.refit_ridge)
+
+        def err(m):  # sum ||W z - y||^2 / sum ||y||^2, from the accumulated moments
+            return float((yy - 2 * (m * yz).sum() + (m @ zz * m).sum()) / max(yy, 1e-30))
+
+        before, after = err(w0), err(w)
+        o.weight.copy_(w.to(o.weight.dtype))
+        # the converted layer's output from the heads' outputs already computed (MLARetrofitDecoderLayer.forward)
+        out = torch.empty_like(hidden)
+        for j, s in enumerate(range(0, hidden.shape[0], bs)):
+            r = hidden[s : s + bs] + o(zs[j])
+            out[s : s + bs] = r + mla_layer.mlp(mla_layer.post_attention_layernorm(r))
+        return out, before, after
 
     def _rest_bytes(self) -> int:
         c, size = self.config, torch.empty(0, dtype=self.dtype).element_size()

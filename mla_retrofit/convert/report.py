@@ -29,6 +29,10 @@ class LayerReport:
     predicted_error: float | None = None
     predicted_kl: float | None = None
     measured_kl: float | None = None
+    # the closed-form o_proj refit (refit_output): relative error of its target (the source's residual stream
+    # after this attention, reached from the converted model's own inputs) on the calibration windows, before/after
+    output_error: float | None = None
+    output_error_refit: float | None = None
 
 
 @dataclass
