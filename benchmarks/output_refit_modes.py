@@ -27,6 +27,8 @@ from mla_retrofit.heal.refit import _Record, refit_output_projections, solve
 from mla_retrofit.masks import causal_mask
 from mla_retrofit.sources import EMBEDDED_DEFAULT, load_model, load_tokenizer
 
+sys.path.insert(0, str(Path(__file__).parent))
+
 
 @torch.no_grad()
 def local_refit(student, teacher, ids, pos, ridge: float) -> None:
@@ -57,24 +59,33 @@ def local_refit(student, teacher, ids, pos, ridge: float) -> None:
         hs = [h[0] if isinstance(h, tuple) else h for h in hs]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def add_refit_args(ap: argparse.ArgumentParser, ridges: str) -> None:
+    """The arguments a refit of a saved conversion shares: the model, its calibration text and the ridges."""
     ap.add_argument("model")
     ap.add_argument("--calib", required=True, help="the conversion's calibration spec (e.g. its saved samples + builtin)")
     ap.add_argument("--calib-seed", type=int, default=1)
     ap.add_argument("--windows", type=int, default=32)
-    ap.add_argument("--ridges", default="0.1,1")
-    ap.add_argument("--modes", default="drift,local")
+    ap.add_argument("--ridges", default=ridges)
     ap.add_argument("--eval-windows", type=int, default=24)
+
+
+def calibration_windows(tok, spec: str, n: int, seed: int, seq_len: int = 512) -> torch.Tensor:
+    """A conversion's calibration windows from its spec (``SAMPLES.jsonl+builtin``): an equal share of each part,
+    interleaved, as ``convert`` cuts them."""
+    parts = calib_parts(spec)
+    got = [data.token_windows(data.texts(p, tok), tok, n // len(parts), seq_len, seed=seed) for p in parts]
+    return torch.stack([w for j in range(max(map(len, got))) for w in (g[j] for g in got if j < len(g))])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    add_refit_args(ap, ridges="0.1,1")
+    ap.add_argument("--modes", default="drift,local")
     args = ap.parse_args()
-    sys.path.insert(0, str(Path(__file__).parent))
     from heldout import windows
 
     tok = load_tokenizer(EMBEDDED_DEFAULT)
-    parts = calib_parts(args.calib)
-    got = [data.token_windows(data.texts(p, tok), tok, args.windows // len(parts), 512, seed=args.calib_seed)
-           for p in parts]
-    ids = torch.stack([w for j in range(max(map(len, got))) for w in (g[j] for g in got if j < len(g))])
+    ids = calibration_windows(tok, args.calib, args.windows, args.calib_seed)
     pos = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
     teacher = models.load_teacher(EMBEDDED_DEFAULT, torch.float32).eval()
     baseline = load_model(EMBEDDED_DEFAULT)

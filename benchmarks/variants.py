@@ -67,7 +67,8 @@ def main() -> None:
                 if not cache.is_file():
                     from mla_retrofit.convert.teacher import calibration_texts
 
-                    calibration_texts(args.model, tok, share, cfg.calib_seq_len, cfg.calib_seed, cache)
+                    calibration_texts(args.model, tok, share, cfg.calib_seq_len, cfg.calib_seed, cache,
+                                      loaded=source.model)
                 parts[i] = str(cache)
                 cfg = ConvertConfig(**{**cfg.as_dict(), "calib": "+".join(parts)})
             res = convert(cfg, source=source)

@@ -40,6 +40,8 @@ def plan(model: str, kv_ratio=None, kv_dim=None, rank=None, rope_dim=None, dtype
     # (on by default) adds the source's stream after attention (its target), the heads' outputs and the copy
     # saved for resume: 5 x the activations in all (computed)
     convert_peak = 0.5e9 + params["embedding"] * 2 + params["per_layer"] * 4 * 2 + 5 * act
+    if _locate(model)[1]:  # a GGUF source is held dequantized (fp32) for the whole conversion
+        convert_peak += params["total"] * 4
     # the sensitivity pass (rank allocation, docs/method.md §4), computed not measured: the output head in fp32,
     # every layer's input on 4 windows, one layer with its gradients
     sensitivity_peak = (0.5e9 + params["embedding"] * (2 + 4) + 4 * calib_seq_len * c.hidden_size * 4 * (L + 2)
@@ -50,12 +52,11 @@ def plan(model: str, kv_ratio=None, kv_dim=None, rank=None, rope_dim=None, dtype
     if TEACHER_SAMPLES in parts:
         # sampling the calibration text (convert/teacher.py), computed: the whole model in fp32 and one batch's
         # key/value cache (at most 96 texts of prompt + calib_seq_len tokens, fp32 at worst); on a GPU, GPU memory
-        # (an upper bound: the batch as if every window were sampled). A GGUF source is also held dequantized
-        # (fp32) while it samples; safetensors shards are read lazily.
+        # (an upper bound: the batch as if every window were sampled). A GGUF source samples on a CPU from the
+        # model it is already held in (Source.model), so it is counted once.
         batch = min(96, math.ceil(calib_samples * OVERSAMPLE))
         kv = batch * (calib_seq_len + 64) * L * 2 * c.num_key_value_heads * h * 4
-        held = params["total"] * 4 if _locate(model)[1] else 0
-        convert_peak = max(convert_peak, 0.5e9 + params["total"] * 4 + held + kv)
+        convert_peak = max(convert_peak, 0.5e9 + params["total"] * 4 + kv)
     heal_bytes = params["total"] * (2 + 2 + 12) + params["total"] * 2  # bf16 weights+grads, fp32 Adam+master, teacher
     return {
         "architecture": f"{c.model_type} ({spec.notes})",

@@ -114,6 +114,9 @@ class Source:
     weights: SafetensorsWeights | StateDictWeights
     directory: Path
     gguf_file: str | None = None
+    # a GGUF source is dequantized into a whole float32 model to read its weights: kept, so sampling from the
+    # source (convert's teacher samples) does not dequantize it a second time
+    model: object | None = None
 
     def tokenizer(self):
         if getattr(self, "_tokenizer", None) is None:
@@ -225,7 +228,8 @@ def resolve(name: str) -> Source:
     else:
         config = load_config(name)
         weights = SafetensorsWeights(directory)
-    return Source(name=name, config=config, weights=weights, directory=directory, gguf_file=gguf)
+        model = None
+    return Source(name=name, config=config, weights=weights, directory=directory, gguf_file=gguf, model=model)
 
 
 #: transformers swaps layers for kernels downloaded from the Hub when the ``kernels`` package is installed

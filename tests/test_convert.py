@@ -121,6 +121,26 @@ def test_statistics_do_not_depend_on_batch_size(tiny_src):
         assert torch.allclose(s.query_m2(), results[0].query_m2(), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_calibration_reads_the_forwards_own_projections(family, tiny_src, tmp_path):
+    """The calibration pass takes q, k and v from the layer's own forward (hooks) instead of computing them
+    again: its statistics are the ones computed directly from the attention's input (biases, q/k norms)."""
+    conv = Converter(ConvertConfig(model=str(tiny_src(family)), output=str(tmp_path / "o"), batch_size=2,
+                                   eval_samples=2, eval_seq_len=16))
+    layer, hidden = conv._layer(0), torch.randn(4, 24, conv.config.hidden_size)
+    cos, sin = conv._rope(24)
+    got = LayerStats(conv.n_kv, conv.head_dim)
+    conv._run_layer(layer, hidden, cos, sin, got)
+    want = LayerStats(conv.n_kv, conv.head_dim)
+    with torch.no_grad():
+        for i in range(0, 4, 2):
+            x = layer.input_layernorm(hidden[i : i + 2])
+            accumulate(want, layer.self_attn, x, cos.expand(2, -1, -1), sin.expand(2, -1, -1), conv.n_heads, 2, 16,
+                       max_att_seqs=conv.cfg.att_samples)
+    for name in ("u_sum", "u_m2", "q_m2", "att_m2"):
+        assert torch.allclose(getattr(got, name), getattr(want, name), rtol=1e-6, atol=1e-9), name
+
+
 @pytest.mark.parametrize("method", ["mla", "rorope-pca", "weight-svd"])
 def test_every_method_is_exact_at_ratio_one(method, converted, tiny_src):
     """At full rank every method reproduces the original model's logits (llama3: scaled RoPE)."""
@@ -356,6 +376,26 @@ def test_calibration_text_is_sampled_from_the_source_topped_up_and_cached(tiny_s
     assert again == texts
     with pytest.raises(AssertionError, match="sampled again"):  # other settings are not served from the cache
         teacher.calibration_texts(str(src), tok, 6, 64, 2, cached)
+
+
+def test_sampling_reuses_a_source_already_in_memory(tiny_src, monkeypatch):
+    """A GGUF source is dequantized into a whole model to read its weights (``Source.model``); convert samples
+    its calibration text from that model instead of loading the source again, and the texts are the same."""
+    from mla_retrofit import sources
+    from mla_retrofit.convert import teacher
+
+    src = str(tiny_src("llama"))
+    tok = sources.load_tokenizer(src)
+    fresh = teacher.calibration_texts(src, tok, 2, 32, 1, None)
+    loaded = sources.load_model(src)
+
+    def forbidden(*a, **kw):
+        raise AssertionError("loaded the source again")
+
+    monkeypatch.setattr(sources, "load_model", forbidden)
+    assert teacher.calibration_texts(src, tok, 2, 32, 1, None, loaded=loaded) == fresh
+    with pytest.raises(AssertionError, match="loaded the source again"):  # without it, the source is loaded
+        teacher.calibration_texts(src, tok, 2, 32, 1, None)
 
 
 def test_a_conversions_saved_calibration_text_reproduces_it(tiny_src, tmp_path):

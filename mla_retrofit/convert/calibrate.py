@@ -57,12 +57,16 @@ class LayerStats:
         return m2 - mu[:, None] * m1[:, None, :] - m1[:, :, None] * mu + torch.outer(mu, mu)
 
 
-def attention_projections(attn, x: torch.Tensor, n_heads: int, n_kv: int, head_dim: int):
-    """Queries ``[B,T,H,h]``, keys and values ``[B,T,n_kv,h]`` of a transformers attention module, before RoPE."""
+def attention_projections(attn, x: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, linear=None):
+    """Queries ``[B,T,H,h]``, keys and values ``[B,T,n_kv,h]`` of a transformers attention module, before RoPE.
+
+    ``linear``: the outputs of its ``q_proj``, ``k_proj`` and ``v_proj`` on ``x`` when a forward pass already
+    computed them (the same numbers, not computed twice)."""
     b, t, _ = x.shape
-    q = attn.q_proj(x).view(b, t, n_heads, head_dim)
-    k = attn.k_proj(x).view(b, t, n_kv, head_dim)
-    v = attn.v_proj(x).view(b, t, n_kv, head_dim)
+    q, k, v = linear if linear is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+    q = q.view(b, t, n_heads, head_dim)
+    k = k.view(b, t, n_kv, head_dim)
+    v = v.view(b, t, n_kv, head_dim)
     if getattr(attn, "q_norm", None) is not None:
         q, k = attn.q_norm(q), attn.k_norm(k)
     return q, k, v
@@ -86,10 +90,12 @@ def accumulate(
     sliding_window: int | None = None,
     max_att_seqs: int = 0,
     att_stride: int = 4,
+    linear=None,
 ) -> None:
-    """Add one batch of attention inputs ``x`` (``[B, T, d]``) to ``stats``."""
+    """Add one batch of attention inputs ``x`` (``[B, T, d]``) to ``stats`` (``linear``: see
+    :func:`attention_projections`)."""
     n_kv, h = stats.n_kv, stats.head_dim
-    q, k, v = attention_projections(attn, x, n_heads, n_kv, h)
+    q, k, v = attention_projections(attn, x, n_heads, n_kv, h, linear)
     b, t = x.shape[:2]
     u = torch.cat([k.reshape(b * t, -1), v.reshape(b * t, -1)], dim=-1).double()
     qd = q.double().view(b * t, n_kv, n_heads // n_kv, h)

@@ -100,7 +100,7 @@ class Converter:
 
                 report = lambda done, total: self.progress("samples", done, total)  # noqa: E731
                 texts = calibration_texts(cfg.model, tok, share, cfg.calib_seq_len, cfg.calib_seed,
-                                          work and self._samples_path(work), report)
+                                          work and self._samples_path(work), report, loaded=self.source.model)
             else:
                 texts = data.texts(spec, tok)
             got.append(data.token_windows(texts, tok, share, cfg.calib_seq_len, seed=cfg.calib_seed))
@@ -156,8 +156,14 @@ class Converter:
         def out_hook(_mod, _args, _kwargs, output):
             captured["a"] = output[0]
 
-        handle = attn.register_forward_pre_hook(hook, with_kwargs=True) if stats is not None else None
-        out_handle = attn.register_forward_hook(out_hook, with_kwargs=True) if post_attention is not None else None
+        handles = []
+        if stats is not None:  # the attention's input and its q/k/v projections, which the statistics read
+            handles.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
+            for name in ("q_proj", "k_proj", "v_proj"):
+                handles.append(getattr(attn, name).register_forward_hook(
+                    lambda _m, _a, out, name=name: captured.__setitem__(name, out)))
+        if post_attention is not None:
+            handles.append(attn.register_forward_hook(out_hook, with_kwargs=True))
         try:
             bs = self.cfg.batch_size
             with torch.no_grad():
@@ -171,11 +177,11 @@ class Converter:
                     if stats is not None:
                         accumulate(stats, attn, captured["x"], c, sn, self.n_heads,
                                    self.cfg.eval_samples, self.cfg.eval_seq_len, self.sliding,
-                                   self.cfg.att_samples if self.cfg.value_fit == "attention" and self.cfg.method == "mla" else 0)
+                                   self.cfg.att_samples if self.cfg.value_fit == "attention" and self.cfg.method == "mla" else 0,
+                                   linear=(captured["q_proj"], captured["k_proj"], captured["v_proj"]))
         finally:
-            for hd in (handle, out_handle):
-                if hd is not None:
-                    hd.remove()
+            for hd in handles:
+                hd.remove()
         return out
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:

@@ -36,9 +36,12 @@ def settings(model: str, windows: int, seq_len: int, seed: int, device: str, pre
 
 
 def calibration_texts(model: str, tokenizer, windows: int, seq_len: int, seed: int, cache: Path | None,
-                      progress: Callable[[int, int], None] | None = None) -> list[str]:
+                      progress: Callable[[int, int], None] | None = None, loaded=None) -> list[str]:
     """Texts sampled from ``model`` holding at least ``windows`` x ``seq_len`` tokens (joined by EOS), read
-    from ``cache`` when it holds them for the same settings (and written there when not; None: no cache)."""
+    from ``cache`` when it holds them for the same settings (and written there when not; None: no cache).
+
+    ``loaded``: the source already in memory as a float32 model (a dequantized GGUF), used on the CPU instead
+    of loading it again."""
     from ..sources import load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -49,7 +52,7 @@ def calibration_texts(model: str, tokenizer, windows: int, seq_len: int, seed: i
         return texts
     if progress:
         progress(0, wanted["samples"])  # the bar shows from the start (sampling reports once per batch)
-    teacher = load_model(model).to(device)
+    teacher = loaded if loaded is not None and device == "cpu" else load_model(model).to(device)
     cast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     need = windows * seq_len
     texts, have, n = [], 0, wanted["samples"]
