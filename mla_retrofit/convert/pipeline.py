@@ -207,7 +207,8 @@ class Converter:
         inv_freq = self.rotary.inv_freq.double()
         scaling = float(getattr(self.rotary, "attention_scaling", 1.0))
 
-        refit = cfg.refit_output and cfg.method == "mla"
+        # (at full budget the construction is exact: a refit could only add the solve's rounding)
+        refit = cfg.refit_output and cfg.method == "mla" and self.budget.per_layer < self.budget.full
         # Pass A: statistics, RoPE plan and spectrum per layer, each saved as soon as it is done
         start, hidden = work.resume_a()
         if start < self.n_layers:
