@@ -22,7 +22,7 @@ import torch
 
 from mla_retrofit.bench.fidelity import compare
 from mla_retrofit.heal import models
-from mla_retrofit.heal.refit import _Record, solve
+from mla_retrofit.heal.refit import _Record, moment_error, solve
 from mla_retrofit.sources import EMBEDDED_DEFAULT, load_model, load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -77,11 +77,7 @@ def refit_mlps(student, outs, ids, pos, ridge: float, stride: int) -> list[tuple
             us.append(u)
         w0 = mlp.down_proj.weight.double()
         w = solve(uu, yu, w0, ridge)
-
-        def err(mat):
-            return float((yy - 2 * (mat * yu).sum() + (mat @ uu * mat).sum()) / yy)
-
-        errors.append((err(w0), err(w)))
+        errors.append((moment_error(w0, uu, yu, yy), moment_error(w, uu, yu, yy)))
         mlp.down_proj.weight.copy_(w.to(mlp.down_proj.weight.dtype))
         hs = [r + mlp.down_proj(u) for r, u in zip(rs, us)]
     return errors

@@ -390,7 +390,7 @@ class Converter:
         The layer runs once: returns the converted stream after this layer (with the refit ``o_proj``) and the
         relative error of ``y`` on the calibration windows before and after the refit.
         """
-        from ..heal.refit import solve
+        from ..heal.refit import moment_error, solve
 
         o = mla_layer.self_attn.o_proj
         got = {}
@@ -417,11 +417,7 @@ class Converter:
             hook.remove()
         w0 = o.weight.double()
         w = solve(zz, yz, w0, self.cfg.refit_ridge)
-
-        def err(m):  # sum ||W z - y||^2 / sum ||y||^2, from the accumulated moments
-            return float((yy - 2 * (m * yz).sum() + (m @ zz * m).sum()) / max(yy, 1e-30))
-
-        before, after = err(w0), err(w)
+        before, after = moment_error(w0, zz, yz, yy), moment_error(w, zz, yz, yy)
         o.weight.copy_(w.to(o.weight.dtype))
         # the converted layer's output from the heads' outputs already computed (MLARetrofitDecoderLayer.forward)
         out = torch.empty_like(hidden)

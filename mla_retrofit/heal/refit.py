@@ -62,6 +62,11 @@ def solve(zz: torch.Tensor, yz: torch.Tensor, weight: torch.Tensor, ridge: float
     return torch.linalg.solve(zz + lam * eye, (yz + lam * weight.double()).T).T
 
 
+def moment_error(weight: torch.Tensor, zz: torch.Tensor, yz: torch.Tensor, yy: float) -> float:
+    """``sum ||W z - y||^2 / sum ||y||^2`` from the accumulated moments ``Z Z^T``, ``Y Z^T`` and ``sum ||y||^2``."""
+    return float((yy - 2 * (weight * yz).sum() + (weight @ zz * weight).sum()) / max(yy, 1e-30))
+
+
 @torch.no_grad()
 def refit_output_projections(student, teacher, ids: torch.Tensor, positions: torch.Tensor, attention_mask,
                              ridge: float = 1e-2, progress=None) -> list[float]:
