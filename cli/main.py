@@ -195,6 +195,10 @@ def convert(
     nope_fit: Optional[str] = typer.Option(None, help="Dropped RoPE pairs: averaged (stand in the attention-averaged "
                                                       "rotation, fitted on calibration sequences) | unrotated (drop "
                                                       f"the rotation). {_d('nope_fit')}"),
+    rope_mixing: Optional[str] = typer.Option(None, help="How each frequency's KV heads are mixed before RoPE pairs "
+                                                         "are kept: complex (a unitary mix, each head's pair turned "
+                                                         "by its own angle) | real (an orthogonal mix). "
+                                                         f"{_d('rope_mixing')}"),
     centre: Optional[bool] = typer.Option(None, "--centre/--no-centre",
                                           help="Centre the latent on the calibration mean. --no-centre: bias-free "
                                                "latent, so the engine export (export --engine) is exact for bias-free "

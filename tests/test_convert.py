@@ -19,12 +19,20 @@ def _rotation(x, pos, inv_freq):
     return rope_rotate(x, emb.cos(), emb.sin())
 
 
-def test_frequency_mixing_commutes_with_rope():
+def _unitary(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.complex(torch.randn(*shape, generator=g, dtype=torch.float64), torch.randn(*shape, generator=g, dtype=torch.float64))
+    return torch.linalg.qr(z)[0]
+
+
+@pytest.mark.parametrize("complex_mixing", [False, True])
+def test_frequency_mixing_commutes_with_rope(complex_mixing):
     torch.manual_seed(0)
     n_kv, h, T = 3, 8, 11
     keys = torch.randn(T, n_kv, h, dtype=torch.float64)
     m2 = torch.einsum("tjd,tke->jdke", keys, keys).reshape(n_kv * h, n_kv * h)
-    mix = rope.frequency_mixing(m2, n_kv, h)
+    mix = rope.frequency_mixing(m2, n_kv, h, complex_mixing=complex_mixing)
+    assert mix.is_complex() == complex_mixing
     q = rope.mixing_matrix(mix, h)
     assert torch.allclose(q @ q.T, torch.eye(n_kv * h, dtype=torch.float64), atol=1e-12)
     inv_freq = 1.0 / 100 ** (torch.arange(h // 2, dtype=torch.float64) / (h // 2))
@@ -35,13 +43,33 @@ def test_frequency_mixing_commutes_with_rope():
     mixed = (keys.reshape(T, -1) @ q.T).view(T, n_kv, h)
     b = torch.stack([_rotation(mixed[:, p], pos, inv_freq) for p in range(n_kv)], 1).reshape(T, -1)
     assert torch.allclose(a, b, atol=1e-10)
-    assert not torch.allclose(rope.identity_mixing(n_kv, h), mix)  # the mix is a real (non-trivial) rotation
+    assert not torch.allclose(mix.real if complex_mixing else mix, rope.identity_mixing(n_kv, h))  # a real mix
 
 
-def test_query_maps_reproduce_scores_with_all_pairs():
+def test_complex_mixing_lines_up_heads_at_different_phases():
+    """Two KV heads whose key pairs are the same up to a per-frequency turn (and scale): a unitary mix puts all
+    of their energy in one component per frequency, an orthogonal one cannot (it adds pairs only in phase)."""
+    torch.manual_seed(0)
+    n_kv, h, T = 2, 8, 200
+    half = h // 2
+    k0 = torch.randn(T, h, dtype=torch.float64)
+    turn = torch.tensor([0.5, 1.6, 2.5, -1.2], dtype=torch.float64)
+    z0 = torch.complex(k0[:, :half], k0[:, half:])
+    z1 = 0.7 * torch.polar(torch.ones(half, dtype=torch.float64), turn) * z0
+    keys = torch.stack([k0, torch.cat([z1.real, z1.imag], -1)], 1)
+    m2 = torch.einsum("tjd,tke->jdke", keys, keys).reshape(n_kv * h, n_kv * h)
+    for cplx in (True, False):
+        qm = rope.mixing_matrix(rope.frequency_mixing(m2, n_kv, h, complex_mixing=cplx), h)
+        mixed = (keys.reshape(T, -1) @ qm.T).view(T, n_kv, h)
+        first = float(mixed[:, 0].square().sum() / mixed.square().sum())
+        assert (first > 1 - 1e-12) if cplx else (first < 0.9), (cplx, first)
+
+
+@pytest.mark.parametrize("complex_mixing", [False, True])
+def test_query_maps_reproduce_scores_with_all_pairs(complex_mixing):
     torch.manual_seed(1)
     n_kv, h = 2, 8
-    mix = torch.linalg.qr(torch.randn(h // 2, n_kv, n_kv, dtype=torch.float64))[0]
+    mix = _unitary((h // 2, n_kv, n_kv), 1) if complex_mixing else torch.linalg.qr(torch.randn(h // 2, n_kv, n_kv, dtype=torch.float64))[0]
     pairs = rope.all_pairs(n_kv, h)
     qm = rope.mixing_matrix(mix, h)
     kappa = qm[rope.pair_rows(pairs, h)]  # k_R = kappa @ u_k
@@ -51,27 +79,39 @@ def test_query_maps_reproduce_scores_with_all_pairs():
         assert torch.allclose((maps[g] @ qv) @ (kappa @ u_k), qv @ u_k[g * h : (g + 1) * h], atol=1e-12)
 
 
-def test_drop_rotation_cost_matches_brute_force():
+def _turned(x, z, t, half):
+    """The pair ``t`` of ``x`` (``[..., h]``) multiplied by the complex ``z``: ``(x0', x1')``."""
+    x0, x1 = x[..., t], x[..., t + half]
+    return z.real * x0 - z.imag * x1, z.imag * x0 + z.real * x1
+
+
+@pytest.mark.parametrize("complex_mixing", [False, True])
+def test_drop_rotation_cost_matches_brute_force(complex_mixing):
     torch.manual_seed(0)
     H, P, T, h = 4, 2, 12, 8
     q, k = torch.randn(H, T, h), torch.randn(P, T, h)
     attn = torch.rand(H, T, T).tril()
     attn = attn / attn.sum(-1, keepdim=True)
-    mix = torch.linalg.qr(torch.randn(h // 2, P, P))[0]
+    mix = _unitary((h // 2, P, P), 0) if complex_mixing else torch.linalg.qr(torch.randn(h // 2, P, P, dtype=torch.float64))[0]
     inv = 1 / (100 ** (torch.arange(h // 2) / (h // 2)))
     grp = torch.tensor([0, 0, 1, 1])
-    got = rope.drop_rotation_cost(q, k, attn, mix, inv, grp)
+    phase = torch.angle(mix)[:, :, grp].transpose(1, 2) if complex_mixing else None
+    sums = rope.averaged_rotation_sums(q, k, attn, inv, phase=phase)
+    got = rope.unrotated_cost(*sums, mix, grp)
+    if not complex_mixing:
+        assert torch.allclose(rope.drop_rotation_cost(q, k, attn, mix.float(), inv, grp), got, rtol=1e-4, atol=1e-4)
     ref = torch.zeros(P, h // 2, dtype=torch.float64)
     for p in range(P):
         for t in range(h // 2):
             for i in range(H):
+                u = complex(mix[t, p, grp[i]])  # head i reads component p with the query U_t[p, g] q_i
                 for m in range(T):
+                    q0, q1 = _turned(q[i, m].double(), torch.tensor(u, dtype=torch.complex128), t, h // 2)
                     for n in range(T):
                         ph = float((n - m) * inv[t])
-                        rot = torch.tensor([[math.cos(ph), -math.sin(ph)], [math.sin(ph), math.cos(ph)]])
-                        qq, kk = q[i, m, [t, t + h // 2]], k[p, n, [t, t + h // 2]]
-                        delta = mix[t, p, grp[i]] * (qq @ rot @ kk - qq @ kk)
-                        ref[p, t] += attn[i, m, n] * delta**2
+                        rot = torch.tensor([[math.cos(ph), -math.sin(ph)], [math.sin(ph), math.cos(ph)]], dtype=torch.float64)
+                        qq, kk = torch.stack([q0, q1]), k[p, n, [t, t + h // 2]].double()
+                        ref[p, t] += attn[i, m, n] * (qq @ rot @ kk - qq @ kk) ** 2
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -223,26 +263,31 @@ def test_two_budget_flags_are_an_error_not_an_override(kw, tiny_src, tmp_path):
         ConvertConfig(model=str(tiny_src("llama")), output=str(tmp_path / "o"), **kw).validate()
 
 
-def test_averaged_rotation_is_the_least_squares_stand_in():
-    """(a, b) from the closed form equal a brute-force weighted least squares over every (head, m, n)."""
+@pytest.mark.parametrize("complex_mixing", [False, True])
+def test_averaged_rotation_is_the_least_squares_stand_in(complex_mixing):
+    """(a, b) from the closed form equal a brute-force weighted least squares over every (head, m, n), with
+    each head's query turned by its group's mixing coefficient when the mix is complex."""
     torch.manual_seed(3)
     H, P, T, h = 4, 2, 10, 8
+    half = h // 2
     q, k = torch.randn(H, T, h, dtype=torch.float64), torch.randn(P, T, h, dtype=torch.float64)
     attn = torch.rand(H, T, T, dtype=torch.float64).tril()
     attn = attn / attn.sum(-1, keepdim=True)
-    mix = torch.linalg.qr(torch.randn(h // 2, P, P, dtype=torch.float64))[0]
-    inv = 1 / (100 ** (torch.arange(h // 2, dtype=torch.float64) / (h // 2)))
+    mix = _unitary((half, P, P), 3) if complex_mixing else torch.linalg.qr(torch.randn(half, P, P, dtype=torch.float64))[0]
+    inv = 1 / (100 ** (torch.arange(half, dtype=torch.float64) / half))
     grp = torch.tensor([0, 0, 1, 1])
-    rot, cost = rope.fit_averaged_rotation(*rope.averaged_rotation_sums(q, k, attn, inv), mix, grp, ridge=0.0)
+    phase = torch.angle(mix)[:, :, grp].transpose(1, 2) if complex_mixing else None
+    rot, cost = rope.fit_averaged_rotation(*rope.averaged_rotation_sums(q, k, attn, inv, phase=phase), mix, grp, ridge=0.0)
     for g in range(2):
         for p in range(P):
-            for t in range(h // 2):
+            for t in range(half):
+                u = torch.tensor(complex(mix[t, p, g]), dtype=torch.complex128)
                 rows, ys, ws = [], [], []
                 for i in (i for i in range(H) if grp[i] == g):
                     for m in range(T):
+                        q0, q1 = _turned(q[i, m], u, t, half)
                         for n in range(m + 1):
-                            q0, q1 = q[i, m, t], q[i, m, t + h // 2]
-                            k0, k1 = k[p, n, t], k[p, n, t + h // 2]
+                            k0, k1 = k[p, n, t], k[p, n, t + half]
                             ph = float((m - n) * inv[t])
                             dot, cross = q0 * k0 + q1 * k1, q0 * k1 - q1 * k0
                             rows.append([dot, cross])
@@ -251,16 +296,51 @@ def test_averaged_rotation_is_the_least_squares_stand_in():
                 x, y, w = torch.tensor(rows), torch.tensor(ys), torch.tensor(ws).sqrt()
                 ref = torch.linalg.lstsq(x * w[:, None], y * w).solution
                 assert torch.allclose(rot[g, p, t], ref, atol=1e-8), (g, p, t)
-    # the score a stand-in query gives on an unrotated key is a dot + b cross
+    # the score a stand-in query gives on an unrotated key is a dot + b cross of the turned query
     maps = rope.query_maps(mix, [(1, 2)], h, rot)
     qv, kv = torch.randn(h, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
     a, b = rot[0, 1, 2]
-    u = mix[2, 1, 0]
-    q0, q1 = qv[2], qv[2 + h // 2]
-    assert torch.allclose((maps[0] @ qv) @ kv, u * (a * (q0 * kv[0] + q1 * kv[1]) + b * (q0 * kv[1] - q1 * kv[0])))
+    q0, q1 = _turned(qv, torch.tensor(complex(mix[2, 1, 0]), dtype=torch.complex128), 2, half)
+    assert torch.allclose((maps[0] @ qv) @ kv, a * (q0 * kv[0] + q1 * kv[1]) + b * (q0 * kv[1] - q1 * kv[0]))
     # with the fit the remaining cost never exceeds the cost of dropping the rotation outright
-    plain = rope.drop_rotation_cost(q.float(), k.float(), attn.float(), mix.float(), inv.float(), grp)
-    assert (cost <= plain + 1e-4).all() and (cost < plain - 1e-6).any()
+    plain = rope.unrotated_cost(*rope.averaged_rotation_sums(q, k, attn, inv, phase=phase), mix, grp)
+    assert (cost <= plain + 1e-9).all() and (cost < plain - 1e-6).any()
+
+
+def test_complex_mixing_converts_phase_shifted_heads_exactly(tiny_src, tmp_path):
+    """A tiny Llama whose second KV head's keys are its first head's, each pair turned by its own angle: in the
+    DeepSeek layout (one RoPE component per frequency) with every frequency kept and the values' full rank, the
+    complex mix converts it exactly; the real mix cannot and misses by far more."""
+    from transformers import AutoModelForCausalLM
+
+    from mla_retrofit.sources import load_model
+    from tiny import tiny_model, tiny_tokenizer
+
+    model = tiny_model("llama", layers=2, seed=2)
+    h, half = 16, 8
+    turn = torch.linspace(-2.5, 2.9, half)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            w = layer.self_attn.k_proj.weight  # [2 * h, hidden]
+            w0, w1 = w[:half], w[half:h]
+            c, s = turn.cos()[:, None], turn.sin()[:, None]
+            w[h : h + half], w[h + half :] = 1.3 * (c * w0 - s * w1), 1.3 * (s * w0 + c * w1)
+    src = tmp_path / "src"
+    model.save_pretrained(str(src))
+    tiny_tokenizer().save_pretrained(str(src))
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    err = {}
+    for mixing in ("complex", "real"):
+        out = tmp_path / mixing
+        convert(ConvertConfig(model=str(src), output=str(out), rope_layout="deepseek", rank_allocation="uniform",
+                              rope_dim=h, rank=2 * h, refit_output=False, rope_mixing=mixing, calib_samples=8,
+                              calib_seq_len=64, eval_samples=2, eval_seq_len=32))
+        with torch.no_grad():
+            got = load_model(str(out))(ids).logits
+        err[mixing] = float((got - ref).abs().max() / ref.abs().max())
+    assert err["complex"] < 1e-5 and err["real"] > 100 * max(err["complex"], 1e-6), err
 
 
 def test_sensitivity_allocation_feeds_the_layer_that_matters(tmp_path):

@@ -48,6 +48,9 @@ class ConvertConfig(Config):
     rope_layout: Literal["free", "deepseek"] = "free"
     # dropped RoPE pairs: "averaged" stands in the attention-averaged rotation, "unrotated" removes it
     nope_fit: Literal["averaged", "unrotated"] = "averaged"
+    # each frequency's KV heads mixed by a unitary (complex: each head's pair turned by its own angle before
+    # adding) or an orthogonal (real) matrix; both commute with RoPE and export (docs/method.md §2)
+    rope_mixing: Literal["complex", "real"] = "complex"
     centre: bool = True  # False: bias-free latent (no centring), exact in the bias-free engine export
     att_samples: int = Field(16, ge=0)
     # after a layer is factorized, its o_proj is refit in closed form (ridge least squares toward the source's

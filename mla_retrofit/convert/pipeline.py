@@ -221,7 +221,7 @@ class Converter:
             target = torch.empty_like(hidden) if refit else None
             hidden = self._run_layer(layer, hidden, cos, sin, stats, target)
             plan = plan_rope(stats, cfg.method, self.budget.rope_dim, inv_freq, self.n_heads, scaling, cfg.rope_layout,
-                             cfg.nope_fit)
+                             cfg.nope_fit, cfg.rope_mixing)
             tg = targets(stats, plan)
             g = metric(stats, plan, tg, AttnWeights.of(layer.self_attn), self.n_heads, 1.0) if cfg.method == "mla" else None
             stats.samples.clear()
@@ -265,7 +265,7 @@ class Converter:
                 stats = LayerStats(self.n_kv, self.head_dim)
                 self._run_layer(layer, hidden, cos, sin, stats)
                 plan = plan_rope(stats, cfg.method, self.budget.rope_dim, inv_freq, self.n_heads, scaling, cfg.rope_layout,
-                             cfg.nope_fit)
+                             cfg.nope_fit, cfg.rope_mixing)
                 plan = _keep_freqs(plan, saved["plan"])
             mla_layer, report = self._convert_layer(i, layer, stats, plan, ranks[i], mla_cfg, cos, sin)
             target = saved.get("target")

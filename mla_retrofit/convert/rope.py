@@ -2,9 +2,13 @@
 
 Notation (docs/method.md §2). Keys are flattened per layer as ``u_k[j*h + e]``
 (KV head ``j``, dim ``e``), half-split layout: pair ``t`` is dims ``(t, t+h/2)``.
-For frequency ``t`` an orthogonal ``U_t`` (``n_kv x n_kv``) mixes the heads'
-pairs: ``kappa'_{p,t} = sum_j U_t[p, j] kappa_{j,t}``. RoPE rotates every
-head's pair ``t`` by the same angle, so the mix commutes with RoPE.
+Read a pair as a complex number ``kappa = k_t + i k_{t+h/2}``; RoPE multiplies it
+by ``e^{i phi}``. For frequency ``t`` a unitary ``U_t`` (``n_kv x n_kv``) mixes the
+heads' pairs: ``kappa'_{p,t} = sum_j U_t[p, j] kappa_{j,t}``. RoPE rotates every
+head's pair ``t`` by the same angle, so the mix commutes with RoPE. A real
+(orthogonal) ``U_t`` can only add heads' pairs in phase or in opposition; a complex
+one also turns each head's pair by its own angle before adding, which lines up
+heads whose keys sit at different phases (``complex_mixing``).
 
 A *pair* is ``(p, t)``; its two components are ``a = 0, 1``. Mixed key
 coordinate ``(p, t, a)`` lives at row ``p*h + t + a*h/2`` of :func:`mixing_matrix`.
@@ -15,24 +19,39 @@ from __future__ import annotations
 import torch
 
 
-def frequency_mixing(key_m2: torch.Tensor, n_kv: int, head_dim: int, query_weight: torch.Tensor | None = None):
+def frequency_mixing(key_m2: torch.Tensor, n_kv: int, head_dim: int, query_weight: torch.Tensor | None = None,
+                     complex_mixing: bool = False):
     """``U[t]`` (``[h/2, n_kv, n_kv]``, rows = components by decreasing energy) from the key second moment.
 
     ``key_m2`` is ``E[u_k u_k^T]`` (``n_kv*h`` square). ``query_weight[j, t]``, if
     given, weighs head ``j``'s pair ``t`` by the query energy that reads it.
+    ``complex_mixing``: ``U_t`` is the unitary eigenbasis of the Hermitian ``E[kappa kappa^H]``
+    (a complex tensor), else the orthogonal eigenbasis of its real part (a real tensor).
+    On SmolLM2-135M the first complex component of each of the 24 fastest frequencies holds
+    98.6% of their query-weighted key energy, the first real one 88.9% (docs/benchmarks.md §9).
     """
     half = head_dim // 2
-    m2 = key_m2.view(n_kv, head_dim, n_kv, head_dim)
+    m2 = key_m2.double().view(n_kv, head_dim, n_kv, head_dim)
     mixes = []
     for t in range(half):
-        c = m2[:, t, :, t] + m2[:, t + half, :, t + half]  # [n_kv, n_kv]
+        c = m2[:, t, :, t] + m2[:, t + half, :, t + half]  # [n_kv, n_kv]: Re E[kappa_i conj(kappa_j)]
+        if complex_mixing:  # Im E[kappa_i conj(kappa_j)] = E[k1_i k0_j] - E[k0_i k1_j]
+            c = torch.complex(c, m2[:, t + half, :, t] - m2[:, t, :, t + half])
         if query_weight is not None:
-            w = query_weight[:, t].clamp_min(0).sqrt()
+            w = query_weight[:, t].clamp_min(0).sqrt().double()
             c = w[:, None] * c * w[None, :]
-        evals, evecs = torch.linalg.eigh(c.double())
+        evals, evecs = torch.linalg.eigh(0.5 * (c + c.mH))
         order = torch.argsort(evals, descending=True)
-        mixes.append(evecs[:, order].T)
-    return torch.stack(mixes).to(key_m2.dtype)
+        mixes.append(evecs[:, order].mH)  # kappa' = V^H kappa
+    out = torch.stack(mixes)
+    return out if complex_mixing else out.to(key_m2.dtype)
+
+
+def at_precision(mix: torch.Tensor, double: bool = True) -> torch.Tensor:
+    """``mix`` in (complex) float64 or float32, keeping it complex when it is."""
+    if mix.is_complex():
+        return mix.to(torch.complex128 if double else torch.complex64)
+    return mix.to(torch.float64 if double else torch.float32)
 
 
 def identity_mixing(n_kv: int, head_dim: int, dtype=torch.float64) -> torch.Tensor:
@@ -40,13 +59,21 @@ def identity_mixing(n_kv: int, head_dim: int, dtype=torch.float64) -> torch.Tens
 
 
 def mixing_matrix(mix: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """The orthogonal ``[n_kv*h, n_kv*h]`` map ``u_k -> kappa'`` (rows indexed ``p*h + t + a*h/2``)."""
+    """The orthogonal ``[n_kv*h, n_kv*h]`` map ``u_k -> kappa'`` (rows indexed ``p*h + t + a*h/2``).
+
+    A complex ``U_t[p, j] = x + iy`` acts on head ``j``'s pair as the rotation-and-scale
+    ``[[x, -y], [y, x]]``."""
     half, n_kv, _ = mix.shape
-    q = torch.zeros(n_kv * head_dim, n_kv * head_dim, dtype=mix.dtype)
+    re, im = (mix.real, mix.imag) if mix.is_complex() else (mix, None)
+    q = torch.zeros(n_kv * head_dim, n_kv * head_dim, dtype=re.dtype)
     for t in range(half):
-        for a in (0, half):
-            rows = torch.arange(n_kv) * head_dim + t + a
-            q[rows[:, None], rows[None, :]] = mix[t]
+        r0 = torch.arange(n_kv) * head_dim + t
+        r1 = r0 + half
+        q[r0[:, None], r0[None, :]] = re[t]
+        q[r1[:, None], r1[None, :]] = re[t]
+        if im is not None:
+            q[r0[:, None], r1[None, :]] = -im[t]
+            q[r1[:, None], r0[None, :]] = im[t]
     return q
 
 
@@ -59,23 +86,22 @@ def pair_rows(pairs: list[tuple[int, int]], head_dim: int) -> torch.Tensor:
 def query_maps(mix: torch.Tensor, pairs: list[tuple[int, int]], head_dim: int, rot: torch.Tensor | None = None) -> torch.Tensor:
     """``[n_kv, 2*len(pairs), h]``: for group ``g``, the map from a query head to its query on ``pairs``.
 
-    The query of head ``i`` (group ``g``) on mixed component ``(p, t, a)`` is
-    ``U_t[p, g] * q_i[t + a*h/2]``. With ``rot`` (``[n_kv groups, n_kv components, h/2, 2]``, the
+    The query of head ``i`` (group ``g``) on mixed component ``(p, t)`` is ``U_t[p, g] q_i`` (its pair
+    read as a complex number). With ``rot`` (``[n_kv groups, n_kv components, h/2, 2]``, the
     ``(a, b)`` of :func:`fit_averaged_rotation`), the pair's score becomes ``q^T (a I + b J) k``
-    instead of ``q^T k``: the query reads ``(a q0 - b q1, b q0 + a q1)``.
+    instead of ``q^T k``: the query is multiplied by ``a + ib`` as well. A factor ``z = x + iy``
+    reads ``(x q0 - y q1, y q0 + x q1)``.
     """
     half, n_kv, _ = mix.shape
     n = len(pairs)
-    out = torch.zeros(n_kv, 2 * n, head_dim, dtype=mix.dtype)
+    cmix = mix if mix.is_complex() else torch.complex(mix, torch.zeros_like(mix))
+    out = torch.zeros(n_kv, 2 * n, head_dim, dtype=cmix.real.dtype)
     for s, (p, t) in enumerate(pairs):
-        u = mix[t, p, :]
-        if rot is None:
-            out[:, s, t] = u
-            out[:, s + n, t + half] = u
-        else:
-            a, b = rot[:, p, t, 0].to(mix.dtype), rot[:, p, t, 1].to(mix.dtype)
-            out[:, s, t], out[:, s, t + half] = u * a, -u * b
-            out[:, s + n, t], out[:, s + n, t + half] = u * b, u * a
+        z = cmix[t, p, :]
+        if rot is not None:
+            z = z * torch.complex(rot[:, p, t, 0], rot[:, p, t, 1]).to(z.dtype)
+        out[:, s, t], out[:, s, t + half] = z.real, -z.imag
+        out[:, s + n, t], out[:, s + n, t + half] = z.imag, z.real
     return out
 
 
@@ -137,7 +163,17 @@ def _pair_sums(m):
     return dd, dc, cc
 
 
-def averaged_rotation_sums(q, k_mixed, attn, inv_freq, attention_scaling: float = 1.0):
+def _turn_queries(m: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+    """Moments of :func:`_moments` as if every query pair had been turned by ``phase`` ``[h/2, H, P]``
+    (per component ``P``): ``(q0^2, q1^2, q0 q1)`` of the turned query are linear in the unturned ones."""
+    c, s = torch.cos(phase).to(m.dtype), torch.sin(phase).to(m.dtype)
+    a = torch.stack([torch.stack([c * c, s * s, -2 * c * s], -1),
+                     torch.stack([s * s, c * c, 2 * c * s], -1),
+                     torch.stack([c * s, -c * s, c * c - s * s], -1)], -2)  # [h/2, H, P, 3 (new f), 3 (f)]
+    return torch.einsum("thpuf,thfgp->thugp", a, m)
+
+
+def averaged_rotation_sums(q, k_mixed, attn, inv_freq, attention_scaling: float = 1.0, phase=None):
     """Normal equations of the best position-free stand-in for a pair's rotation, per query head.
 
     A pair that loses its rotation contributes ``q^T M k`` to the score instead of ``q^T R(phi) k``.
@@ -145,6 +181,8 @@ def averaged_rotation_sums(q, k_mixed, attn, inv_freq, attention_scaling: float 
     (a fixed rotation and scale, which commutes with the mixing and stays linear), the one that
     minimises the attention-weighted squared score error solves ``S [a, b] = r``. Returns ``(S, r, e)``
     with ``S [h/2, H, P, 2, 2]``, ``r [h/2, H, P, 2]`` and ``e = sum W y^2`` ``[h/2, H, P]``, ``y`` the true term.
+    ``phase`` ``[h/2, H, P]``: the angle of a complex mix's ``U_t[p, g(i)]``, which turns head ``i``'s query
+    on component ``p`` (:func:`query_maps`) and so changes which stand-in fits best.
     """
     t_len = q.shape[1]
     pos = torch.arange(t_len, dtype=q.dtype)
@@ -152,7 +190,10 @@ def averaged_rotation_sums(q, k_mixed, attn, inv_freq, attention_scaling: float 
     s2 = attention_scaling**2
     cos, sin = torch.cos(phi) * s2, torch.sin(phi) * s2
     one = torch.ones_like(cos)
-    m1, mc, ms, mcc, mcs, mss = _moments(q, k_mixed, attn, [one, cos, sin, cos * cos, cos * sin, sin * sin])
+    moments = _moments(q, k_mixed, attn, [one, cos, sin, cos * cos, cos * sin, sin * sin])
+    if phase is not None:
+        moments = [_turn_queries(m, phase) for m in moments]
+    m1, mc, ms, mcc, mcs, mss = moments
     dd, dc, cc = _pair_sums(m1)
     dd_c, dc_c, cc_c = _pair_sums(mc)
     dd_s, dc_s, cc_s = _pair_sums(ms)
@@ -180,9 +221,17 @@ def fit_averaged_rotation(s, r, e, mix, group_of_head, ridge: float = 1e-6):
     sg = sg + ridge * scale[..., None, None] * torch.eye(2, dtype=s.dtype)
     ab = torch.linalg.solve(sg, rg.unsqueeze(-1)).squeeze(-1)  # [g, h/2, P, 2]
     resid = (eg - (ab * rg).sum(-1)).clamp_min(0)  # [g, h/2, P]
-    coef = mix.double().permute(2, 0, 1).square()  # [g, h/2, P]: U_t[p, g]^2
+    coef = at_precision(mix).abs().square().permute(2, 0, 1)  # [g, h/2, P]: |U_t[p, g]|^2
     cost = (coef * resid).sum(0).T  # [P, h/2]
     return ab.permute(0, 2, 1, 3).contiguous(), cost
+
+
+def unrotated_cost(s, r, e, mix, group_of_head):
+    """The cost :func:`drop_rotation_cost` measures, from :func:`averaged_rotation_sums` (the stand-in
+    ``a = 1, b = 0``): valid for a complex mix too (sums taken with its ``phase``). ``[P, h/2]``."""
+    resid = (s[..., 0, 0] - 2 * r[..., 0] + e).clamp_min(0)  # [h/2, H, P]
+    coef = at_precision(mix).abs().square()[:, :, group_of_head].transpose(1, 2)  # [h/2, H, P]
+    return (coef * resid).sum(1).T.double()
 
 
 def drop_rotation_cost(
