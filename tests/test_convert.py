@@ -86,7 +86,7 @@ def _turned(x, z, t, half):
 
 
 @pytest.mark.parametrize("complex_mixing", [False, True])
-def test_drop_rotation_cost_matches_brute_force(complex_mixing):
+def test_unrotated_cost_matches_brute_force(complex_mixing):
     torch.manual_seed(0)
     H, P, T, h = 4, 2, 12, 8
     q, k = torch.randn(H, T, h), torch.randn(P, T, h)
@@ -98,8 +98,6 @@ def test_drop_rotation_cost_matches_brute_force(complex_mixing):
     phase = torch.angle(mix)[:, :, grp].transpose(1, 2) if complex_mixing else None
     sums = rope.averaged_rotation_sums(q, k, attn, inv, phase=phase)
     got = rope.unrotated_cost(*sums, mix, grp)
-    if not complex_mixing:
-        assert torch.allclose(rope.drop_rotation_cost(q, k, attn, mix.float(), inv, grp), got, rtol=1e-4, atol=1e-4)
     ref = torch.zeros(P, h // 2, dtype=torch.float64)
     for p in range(P):
         for t in range(h // 2):
@@ -206,6 +204,36 @@ def test_every_family_converts_and_generates(family, converted):
     assert vals == 2 * 32  # exactly half of 2 layers x 2 * n_kv * h (= 64 each)
     out = m.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 8)
+
+
+@pytest.mark.parametrize("mixing", ["complex", "real"])
+def test_dropping_rotations_outright_keeps_the_costliest_pairs(mixing, tiny_src, tmp_path):
+    """``--nope-fit unrotated``: the free layout keeps, per layer, the pairs whose rotation costs most to drop
+    (``measured_drop_cost``), and the conversion spends the budget and runs."""
+    from mla_retrofit.convert import layer as layer_mod
+    from mla_retrofit.sources import load_model
+
+    seen = []
+    real_plan = layer_mod.plan_rope
+
+    def spy(stats, method, rope_dim, inv_freq, n_heads, scaling, *rest):
+        plan = real_plan(stats, method, rope_dim, inv_freq, n_heads, scaling, *rest)
+        group = torch.arange(n_heads) // (n_heads // stats.n_kv)
+        sums = layer_mod._rotation_sums(stats, plan.mix, inv_freq, n_heads, scaling)  # the sums, taken again
+        seen.append((plan, rope.unrotated_cost(*sums, plan.mix, group)))
+        return plan
+
+    out = tmp_path / "o"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("mla_retrofit.convert.pipeline.plan_rope", spy)
+        convert(ConvertConfig(model=str(tiny_src("llama")), output=str(out), kv_ratio=0.5, nope_fit="unrotated",
+                              rope_mixing=mixing, calib_samples=8, calib_seq_len=96, eval_samples=2, eval_seq_len=64))
+    assert seen and all(p.rot is None and p.mix.is_complex() == (mixing == "complex") for p, _ in seen)
+    for plan, cost in seen:
+        assert (cost >= 0).all() and torch.allclose(plan.cost, cost)
+        assert min(float(cost[p, t]) for p, t in plan.kept) >= max(float(cost[p, t]) for p, t in plan.dropped)
+    m = load_model(str(out))
+    assert torch.isfinite(m(torch.tensor([[5, 6, 7, 8]])).logits).all()
 
 
 def test_default_method_beats_baselines_on_attention_error(tiny_src, tmp_path):

@@ -110,12 +110,9 @@ def plan_rope(stats: LayerStats, method: str, rope_dim: int, inv_freq: torch.Ten
 
 def _mixing(stats: LayerStats, n_kv: int, h: int, complex_mixing: bool) -> torch.Tensor:
     """The per-frequency mix of method ``mla``. A real mix weighs each head's pair by the query energy that
-    reads it; a complex one does not. What dropping the other components costs the scores is the
-    query-weighted error of the heads' keys rebuilt from the kept one; on SmolLM2-135M (24 fastest
-    frequencies, first component kept) that error is 12.4% of the weighted energy for the unweighted real mix,
-    11.7% weighted, and 1.50% for the unweighted complex mix, 2.04% weighted (the weighted eigenbasis is
-    a heuristic: applied to unweighted keys it leaves energy of a perfectly aligned pair of heads in the
-    second component whenever their queries differ in energy)."""
+    reads it; a complex one does not: weighting helps the real mix and hurts the complex one on SmolLM2
+    (``benchmarks/rope_mixing_energy.py``), and applied to unweighted keys a weighted eigenbasis leaves
+    energy of two perfectly aligned heads in the second component whenever their queries differ in energy."""
     if complex_mixing:
         return rope.frequency_mixing(stats.key_m2(), n_kv, h, complex_mixing=True)
     return rope.frequency_mixing(stats.key_m2(), n_kv, h, query_weight=_query_energy(stats.query_m2(), h))
@@ -133,15 +130,9 @@ def _pair_energy(key_m2: torch.Tensor, mix: torch.Tensor, n_kv: int, h: int) -> 
 
 
 def measured_drop_cost(stats: LayerStats, mix, inv_freq, n_heads, attention_scaling=1.0) -> torch.Tensor:
-    n_kv, h = stats.n_kv, stats.head_dim
-    group = torch.arange(n_heads) // (n_heads // n_kv)
-    if mix.is_complex():
-        return rope.unrotated_cost(*_rotation_sums(stats, mix, inv_freq, n_heads, attention_scaling), mix, group)
-    mixf = mix.float()
-    cost = torch.zeros(n_kv, h // 2, dtype=torch.float64)
-    for q, k, attn in stats.samples:
-        cost += rope.drop_rotation_cost(q, _mixed_keys(k, mixf), attn, mixf, inv_freq.float(), group, attention_scaling)
-    return cost
+    """:func:`rope.unrotated_cost` on the layer's sampled sequences: what dropping each pair's rotation costs."""
+    group = torch.arange(n_heads) // (n_heads // stats.n_kv)
+    return rope.unrotated_cost(*_rotation_sums(stats, mix, inv_freq, n_heads, attention_scaling), mix, group)
 
 
 def _mixed_keys(k: torch.Tensor, mixf: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,8 @@ def frequency_mixing(key_m2: torch.Tensor, n_kv: int, head_dim: int, query_weigh
     given, weighs head ``j``'s pair ``t`` by the query energy that reads it.
     ``complex_mixing``: ``U_t`` is the unitary eigenbasis of the Hermitian ``E[kappa kappa^H]``
     (a complex tensor), else the orthogonal eigenbasis of its real part (a real tensor).
-    On SmolLM2-135M the first complex component of each of the 24 fastest frequencies holds
-    98.6% of their query-weighted key energy, the first real one 88.9% (docs/benchmarks.md §9).
+    On SmolLM2-135M the first complex component of each of the 24 fastest frequencies leaves 1.5% of
+    their query-weighted key energy behind, the first real one 11.7% (``benchmarks/rope_mixing_energy.py``).
     """
     half = head_dim // 2
     m2 = key_m2.double().view(n_kv, head_dim, n_kv, head_dim)
@@ -227,59 +227,13 @@ def fit_averaged_rotation(s, r, e, mix, group_of_head, ridge: float = 1e-6):
 
 
 def unrotated_cost(s, r, e, mix, group_of_head):
-    """The cost :func:`drop_rotation_cost` measures, from :func:`averaged_rotation_sums` (the stand-in
-    ``a = 1, b = 0``): valid for a complex mix too (sums taken with its ``phase``). ``[P, h/2]``."""
+    """Attention-weighted squared score error from dropping the rotation of each pair outright, ``[P, h/2]``.
+
+    The term of pair ``(p, t)`` for head ``i`` at query ``m``, key ``n`` is ``q~^T R(phi) kappa'_p`` with
+    ``q~ = U_t[p, g(i)] q_i`` and ``phi = (m - n) theta_t``; dropping the rotation puts ``q~^T kappa'_p`` in its
+    place. That is the stand-in ``a = 1, b = 0`` of :func:`averaged_rotation_sums` (``s``, ``r``, ``e``, taken
+    with the mix's ``phase`` when it is complex), whose residual is ``S_00 - 2 r_0 + e``, summed over the heads
+    with ``|U_t[p, g(i)]|^2``."""
     resid = (s[..., 0, 0] - 2 * r[..., 0] + e).clamp_min(0)  # [h/2, H, P]
     coef = at_precision(mix).abs().square()[:, :, group_of_head].transpose(1, 2)  # [h/2, H, P]
     return (coef * resid).sum(1).T.double()
-
-
-def drop_rotation_cost(
-    q: torch.Tensor,
-    k_mixed: torch.Tensor,
-    attn: torch.Tensor,
-    mix: torch.Tensor,
-    inv_freq: torch.Tensor,
-    group_of_head: torch.Tensor,
-    attention_scaling: float = 1.0,
-) -> torch.Tensor:
-    """Attention-weighted squared score error from dropping the rotation of each pair, ``[n_kv, h/2]``.
-
-    ``q``: ``[H, T, h]`` unrotated queries; ``k_mixed``: ``[n_kv, T, h]`` mixed
-    unrotated keys (component ``p`` in slot ``p``); ``attn``: ``[H, T, T]`` the
-    original attention probabilities. The score term of pair ``(p, t)`` for
-    head ``i`` at query ``m``, key ``n`` is ``U_t[p, g(i)] (q.k cos(phi) +
-    (q0 k1 - q1 k0) sin(phi))``, ``phi = (m - n) theta_t``; dropping the
-    rotation replaces ``cos -> 1`` and ``sin -> 0``. The cost sums the squared
-    change weighted by ``attn``.
-    """
-    t_len, head_dim = q.shape[1], q.shape[2]
-    half = head_dim // 2
-    pos = torch.arange(t_len, dtype=q.dtype)
-    phi = (pos[:, None] - pos[None, :])[None] * inv_freq.to(q.dtype)[:, None, None]  # [h/2, T, T]
-    dcos = torch.cos(phi) * attention_scaling**2 - 1.0
-    dsin = torch.sin(phi) * attention_scaling**2
-    # err = dot * dcos + cross * dsin with dot = q0k0 + q1k1, cross = q0k1 - q1k0. Expanding the square,
-    # every term is sum_mn W_mn f(q_m) g(k_n) with W in {attn dcos^2, attn dcos dsin, attn dsin^2}.
-    q0, q1 = q[..., :half].permute(2, 0, 1), q[..., half:].permute(2, 0, 1)  # [h/2, H, T]
-    k0, k1 = k_mixed[..., :half].permute(2, 0, 1), k_mixed[..., half:].permute(2, 0, 1)  # [h/2, P, T]
-    qa, qb, qc = q0 * q0, q1 * q1, q0 * q1
-    ka, kb, kc = k0 * k0, k1 * k1, k0 * k1
-    keys = torch.stack([ka, kb, kc], dim=1)  # [h/2, 3, P, T]
-    n_kv = k_mixed.shape[0]
-    keys = keys.reshape(half, 3 * n_kv, t_len).transpose(1, 2).unsqueeze(1)  # [h/2, 1, T, 3P]
-
-    def weighted(w):  # sum_n W[t,h,m,n] g[t,p,n] -> [h/2, H, T, 3, P]
-        return torch.matmul(attn.unsqueeze(0) * w.unsqueeze(1), keys).view(half, -1, t_len, 3, n_kv)
-
-    def reduce(m, f):  # sum_m f[t,h,m] M[t,h,m,p] -> [h/2, H, P]
-        return torch.einsum("thm,thmp->thp", f, m)
-
-    m1, m2, m3 = weighted(dcos * dcos), weighted(dcos * dsin), weighted(dsin * dsin)
-    a_, b_, c_ = 0, 1, 2
-    e1 = reduce(m1[..., a_, :], qa) + 2 * reduce(m1[..., c_, :], qc) + reduce(m1[..., b_, :], qb)
-    e2 = reduce(m2[..., c_, :], qa - qb) + reduce(m2[..., b_, :] - m2[..., a_, :], qc)
-    e3 = reduce(m3[..., b_, :], qa) - 2 * reduce(m3[..., c_, :], qc) + reduce(m3[..., a_, :], qb)
-    per_head = e1 + 2 * e2 + e3  # [h/2, H, P]
-    coef = mix[:, :, group_of_head].transpose(1, 2).to(q.dtype)  # [h/2, H, P]: U_t[p, g(i)]
-    return (coef.square() * per_head).sum(1).T.double()  # [P, h/2]
