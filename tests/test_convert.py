@@ -43,7 +43,7 @@ def test_frequency_mixing_commutes_with_rope(complex_mixing):
     mixed = (keys.reshape(T, -1) @ q.T).view(T, n_kv, h)
     b = torch.stack([_rotation(mixed[:, p], pos, inv_freq) for p in range(n_kv)], 1).reshape(T, -1)
     assert torch.allclose(a, b, atol=1e-10)
-    assert not torch.allclose(mix.real if complex_mixing else mix, rope.identity_mixing(n_kv, h))  # a real mix
+    assert not torch.allclose(mix.real if complex_mixing else mix, rope.identity_mixing(n_kv, h))  # not the identity
 
 
 def test_complex_mixing_lines_up_heads_at_different_phases():
