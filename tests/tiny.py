@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import torch
@@ -10,20 +11,45 @@ import torch
 FAMILIES = ("llama", "llama3", "qwen2", "qwen3", "mistral")
 
 
-@functools.lru_cache(maxsize=1)
-def tiny_tokenizer():
-    """A byte-level BPE tokenizer (vocab 512) trained on the built-in corpus."""
+# Pre-tokenizers as the families' own tokenizer.json files write them (SmolLM2, Llama-3, Qwen2/Qwen3); "gpt2" is
+# plain byte-level, "whitespace" one no llama.cpp pre-tokenizer reproduces.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+PRE_TOKENIZERS = ("gpt2", "smollm", "llama3", "qwen2", "whitespace")
+
+
+def _pre_tokenizer(pre: str):
+    from tokenizers import Regex, pre_tokenizers as pt
+
+    byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=False)
+    return {
+        "gpt2": lambda: pt.ByteLevel(add_prefix_space=False),
+        "smollm": lambda: pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)]),
+        "llama3": lambda: pt.Sequence([pt.Split(Regex(LLAMA3_SPLIT), "isolated"), byte_level]),
+        "qwen2": lambda: pt.Sequence([pt.Split(Regex(QWEN2_SPLIT), "isolated"), byte_level]),
+        "whitespace": lambda: pt.Sequence([pt.Whitespace(), byte_level]),
+    }[pre]()
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_tokenizer(pre: str = "gpt2"):
+    """A byte-level BPE tokenizer (vocab 512) trained on the built-in corpus, with one family's pre-tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from mla_retrofit.data import builtin_texts
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = _pre_tokenizer(pre)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(builtin_texts()[:200], trainer)
+    if pre == "llama3":  # Llama-3's tokenizer.json: a whole piece found in the vocabulary is one token
+        spec = json.loads(tok.to_str())
+        spec["model"]["ignore_merges"] = True
+        tok = Tokenizer.from_str(json.dumps(spec))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     fast.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"

@@ -14,7 +14,8 @@ needs and what this writes (checked against llama.cpp's
 - ``output.weight`` is left out when the head equals the embeddings (tied);
 - the tokenizer is copied from a GGUF of the source model when there is one
   (the embedded default, a ``.gguf`` source, or ``tokenizer_gguf``), else built
-  from the checkpoint's ``tokenizer.json`` (byte-level BPE).
+  from the checkpoint's ``tokenizer.json`` (byte-level BPE) with the llama.cpp
+  pre-tokenizer that splits text as it does (:mod:`.pretokenizer`), or refused.
 
 Weight types: ``f32``, ``bf16``, ``f16``, ``q8_0``; norms stay ``f32``. The
 latent projection ``attn_kv_a_mqa`` holds weights around 1e-8 (the linear-regime
@@ -36,6 +37,7 @@ import torch
 from .. import __version__
 from ..architectures import is_mla
 from ..errors import UserError
+from .pretokenizer import identify as identify_pre_tokenizer
 
 LLAMACPP_PIN = "llama.cpp as vendored in llama-cpp-python 0.3.36 (PyPI sdist)"
 OUTTYPES = ("f32", "bf16", "f16", "q8_0")
@@ -83,6 +85,7 @@ def export_gguf(model_dir: str, out_file: str, outtype: str = "f32", overwrite: 
     raw = json.loads(cfg_file.read_text())
     model_type = raw.get("model_type")
     out.parent.mkdir(parents=True, exist_ok=True)
+    check_tokenizer(src, tokenizer_gguf)  # before minutes of export
     if is_mla(raw):
         from .deepseek import export_deepseek
 
@@ -98,6 +101,43 @@ def export_gguf(model_dir: str, out_file: str, outtype: str = "f32", overwrite: 
         return GGUFWriterJob(src, out, outtype, tokenizer_gguf, native=None).run()
     raise UserError(f"{src} is a '{model_type}' checkpoint; export a native MLA checkpoint (from `mla-retrofit convert`) "
                     "or its engine-form DeepSeek-V3 export (`export --engine`)")
+
+
+def find_source_gguf(dirs: list[Path], tokenizer_gguf: str | None) -> Path | None:
+    """The GGUF whose tokenizer keys are copied: ``tokenizer_gguf``, else the recorded source model's own GGUF."""
+    if tokenizer_gguf:
+        path = Path(tokenizer_gguf)
+        if not path.is_file():
+            raise UserError(f"--tokenizer-gguf {path} does not exist")
+        return path
+    from ..sources import EMBEDDED_DEFAULT, embedded_gguf_path
+
+    for name in source_names(dirs):
+        if name == EMBEDDED_DEFAULT:
+            return embedded_gguf_path()
+        if name.endswith(".gguf") and Path(name).is_file():
+            return Path(name)
+    return None
+
+
+def source_names(dirs: list[Path]) -> list[str]:
+    """The original model's name as recorded by convert, export or heal (a heal's teacher is the original)."""
+    names = []
+    for d in dirs:
+        for rec, keys in (("conversion.json", ("source_model",)), ("export.json", ("source_model",)),
+                          ("conversion.json", ("heal", "teacher"))):
+            value = json.loads((d / rec).read_text()) if (d / rec).is_file() else {}
+            for k in keys:
+                value = value.get(k) if isinstance(value, dict) else None
+            if isinstance(value, str):
+                names.append(value)
+    return names
+
+
+def check_tokenizer(src: Path, tokenizer_gguf: str | None) -> None:
+    """Refuse up front a tokenizer.json whose splitting no llama.cpp pre-tokenizer reproduces (no GGUF to copy)."""
+    if find_source_gguf([src], tokenizer_gguf) is None and (src / "tokenizer.json").is_file():
+        identify_pre_tokenizer(src / "tokenizer.json")
 
 
 class GGUFWriterJob:
@@ -195,33 +235,7 @@ class GGUFWriterJob:
 
     # -- tokenizer -----------------------------------------------------------------------------------
     def source_gguf(self) -> Path | None:
-        if self.tokenizer_gguf:
-            path = Path(self.tokenizer_gguf)
-            if not path.is_file():
-                raise UserError(f"--tokenizer-gguf {path} does not exist")
-            return path
-        from ..sources import EMBEDDED_DEFAULT, embedded_gguf_path
-
-        for name in self.source_names():
-            if name == EMBEDDED_DEFAULT:
-                return embedded_gguf_path()
-            if name.endswith(".gguf") and Path(name).is_file():
-                return Path(name)
-        return None
-
-    def source_names(self) -> list[str]:
-        """The original model's name as recorded by convert, export or heal (a heal's teacher is the original)."""
-        names = []
-        for d in (self.native, self.dir):
-            for rec, keys in (("conversion.json", ("source_model",)), ("export.json", ("source_model",)),
-                              ("conversion.json", ("heal", "teacher"))):
-                path = None if d is None else d / rec
-                value = json.loads(path.read_text()) if path is not None and path.is_file() else {}
-                for k in keys:
-                    value = value.get(k) if isinstance(value, dict) else None
-                if isinstance(value, str):
-                    names.append(value)
-        return names
+        return find_source_gguf([d for d in (self.native, self.dir) if d is not None], self.tokenizer_gguf)
 
     def write_tokenizer(self, w) -> str:
         src = self.source_gguf()
@@ -254,13 +268,14 @@ class GGUFWriterJob:
         n_vocab = self.cfg["vocab_size"]
         tokens += [f"[PAD{i}]" for i in range(len(tokens), n_vocab)]
         types += [int(g.TokenType.UNUSED)] * (n_vocab - len(types))
+        pre = identify_pre_tokenizer(folder / "tokenizer.json")
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("default")
+        w.add_tokenizer_pre(pre.name)
         w.add_token_list(tokens[:n_vocab])
         w.add_token_types(types[:n_vocab])
         g.SpecialVocab(folder, load_merges=True, n_vocab=n_vocab).add_to_gguf(w)
-        self.notes.append("tokenizer built from tokenizer.json with llama.cpp's 'default' pre-tokenizer; for the exact "
-                          "one pass --tokenizer-gguf with a GGUF of the source model")
+        self.notes.append(f"tokenizer built from tokenizer.json; llama.cpp pre-tokenizer '{pre.name}' (the one that "
+                          "splits a probe text exactly as tokenizer.json does)")
         return str(folder / "tokenizer.json")
 
     # -- tensors -------------------------------------------------------------------------------------
