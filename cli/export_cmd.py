@@ -36,6 +36,10 @@ def export(
     pad_rope: Optional[bool] = typer.Option(None, "--pad-rope", help="Allow empty RoPE table slots (costs cache)."),
     rope_interleave: Optional[bool] = typer.Option(None, "--rope-interleave/--no-rope-interleave",
                                                    help=f"Interleaved RoPE weights (vLLM/SGLang). {_d('rope_interleave')}"),
+    yarn_rope: Optional[bool] = typer.Option(None, "--yarn-rope/--no-yarn-rope",
+                                             help="Engine form: write plain RoPE as DeepSeek's yarn at factor 1 (the "
+                                                  "same table; engines take their DeepSeek RoPE path). "
+                                                  f"{_d('yarn_rope')}"),
     dtype: Optional[str] = typer.Option(None, help=f"deepseek weight dtype: auto | float32 | bfloat16. {_d('dtype')}"),
     verify_tokens: Optional[int] = typer.Option(None, help="Tokens for the native-vs-export KL check (0 = skip). "
                                                            f"{_d('verify_tokens')}"),

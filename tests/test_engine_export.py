@@ -89,6 +89,26 @@ def test_engine_form_is_exact_for_bias_free_families(converted, tmp_path, family
     assert float((ref.exp() * (ref - got)).sum(-1).max()) < KL_EXACT
 
 
+def test_engine_form_spells_plain_rope_as_unit_yarn_and_computes_the_same(converted, tmp_path):
+    """Factor-1 yarn (engines' DeepSeek RoPE path) is the plain table: same logits as the plain spelling, and GGUF
+    takes it (llama.cpp's deepseek2 applies only DeepSeek's yarn, at factor 1 nothing)."""
+    from transformers import DeepseekV3ForCausalLM
+
+    native = converted("llama", 0.5, **ENGINE)
+    yarn = export_deepseek(str(native), str(tmp_path / "yarn"), engine=True, verify_tokens=16)
+    plain = export_deepseek(str(native), str(tmp_path / "plain"), engine=True, verify_tokens=16, yarn_rope=False)
+    assert yarn.rope_parameters["rope_type"] == "yarn" and yarn.rope_parameters["factor"] == 1.0
+    assert plain.rope_parameters["rope_type"] == "default" and yarn.engine_compatible
+    ids = tiny_tokenizer()("A quick brown fox jumps over the lazy dog. " * 3, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a, b = (DeepseekV3ForCausalLM.from_pretrained(str(tmp_path / d), dtype=torch.float64).eval()(ids).logits
+                for d in ("yarn", "plain"))
+    assert float((a - b).abs().max()) < 1e-9
+    export_gguf(str(tmp_path / "yarn"), str(tmp_path / "m.gguf"))
+    _, fields, _ = read_gguf(tmp_path / "m.gguf")
+    assert not any(k.startswith("deepseek2.rope.scaling") for k in fields)
+
+
 def test_engine_form_keeps_norms_exact_when_the_source_eps_is_not_1e6(tmp_path):
     """eps 1e-5 -> every RMSNorm runs with 1e-6 on a residual stream scaled by sqrt(0.1)."""
     from test_export import native_model

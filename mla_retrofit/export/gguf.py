@@ -38,6 +38,7 @@ from .. import __version__
 from ..architectures import is_mla
 from ..errors import UserError
 from .pretokenizer import identify as identify_pre_tokenizer
+from .rope_table import is_unit_yarn
 
 LLAMACPP_PIN = "llama.cpp as vendored in llama-cpp-python 0.3.36 (PyPI sdist)"
 OUTTYPES = ("f32", "bf16", "f16", "q8_0")
@@ -165,7 +166,7 @@ class GGUFWriterJob:
                 "export the engine form (`mla-retrofit export NATIVE OUT --engine`) or pass the native checkpoint"
             )
         rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-        if rope.get("rope_type", "default") != "default":
+        if rope.get("rope_type", "default") != "default" and not is_unit_yarn(rope):  # factor-1 yarn is the plain table
             raise UserError(
                 f"RoPE scaling '{rope.get('rope_type')}' has no llama.cpp deepseek2 form (it applies only DeepSeek's "
                 "yarn): serve this model with transformers, or convert a source without RoPE scaling"

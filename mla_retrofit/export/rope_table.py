@@ -94,9 +94,22 @@ def deepseek_inv_freq(rope_parameters: dict, n_pairs: int, max_position_embeddin
     return rot.inv_freq.double(), float(rot.attention_scaling)
 
 
-def candidates(src_params: dict, theta_new: float) -> list[tuple[dict, bool]]:
-    """Rope settings to try, engine-friendly (plain table) first."""
-    out = [({"rope_type": "default", "rope_theta": theta_new}, True)]
+def unit_yarn(theta: float, max_position_embeddings: int) -> dict:
+    """DeepSeek's yarn at factor 1: the plain table (every frequency and the softmax scale unchanged) spelled as the
+    RoPE that DeepSeek-V3 itself ships, so engines take their DeepSeek RoPE path (see ``ExportConfig.yarn_rope``)."""
+    return {"rope_type": "yarn", "rope_theta": theta, "factor": 1.0,
+            "original_max_position_embeddings": max_position_embeddings, "beta_fast": 32.0, "beta_slow": 1.0,
+            "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def is_unit_yarn(params: dict) -> bool:
+    return params.get("rope_type") == "yarn" and float(params.get("factor", 0.0)) == 1.0
+
+
+def candidates(src_params: dict, theta_new: float, yarn_max_pos: int | None = None) -> list[tuple[dict, bool]]:
+    """Rope settings to try, engine-friendly (plain table, or its factor-1 yarn spelling) first."""
+    plain = unit_yarn(theta_new, yarn_max_pos) if yarn_max_pos else {"rope_type": "default", "rope_theta": theta_new}
+    out = [(plain, True)]
     if src_params.get("rope_type", "default") != "default":
         out.append(({**src_params, "rope_theta": theta_new}, False))
     return out
@@ -110,6 +123,7 @@ def fit_rope_table(
     max_position_embeddings: int,
     pad: bool = False,
     target_pairs: int | None = None,
+    yarn: bool = False,
 ) -> RopeTable:
     """The DeepSeek RoPE table reproducing every layer's kept frequencies, or a one-line :class:`UserError`."""
     check_distinct(freq_idx)
@@ -133,7 +147,7 @@ def fit_rope_table(
     want = src_inv_freq.double()[union]
     slots_of = {t: t // step for t in union}
     tried = []
-    for params, engine_ok in candidates(src_params, theta_new):
+    for params, engine_ok in candidates(src_params, theta_new, max_position_embeddings if yarn else None):
         try:
             inv, scale = deepseek_inv_freq(params, n_pairs, max_position_embeddings)
         except Exception as e:  # a scaling the DeepSeek config rejects: try the next candidate
