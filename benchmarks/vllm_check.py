@@ -11,7 +11,8 @@ rope 64 only); ORIGINAL_HF_DIR the source model as a Hugging Face directory. For
 greedily from four prompts; transformers then scores vLLM's own sequences (teacher forcing), so every generated
 token is compared: how many leading tokens transformers' greedy choice agrees with, and the largest difference
 of the chosen tokens' log-probabilities, prompt and generated. ``--throughput`` adds decode tokens/s after a 4k
-prompt at batch 1 and 8, model and original alternated, as ratios. The KV cache bytes per token are vLLM's own
+prompt at batch 1 and 8 (engine steps timed once every request decodes; prefix caching off; distinct random
+prompts), model and original alternated, as ratios. The KV cache bytes per token are vLLM's own
 (its KV cache spec's page size over its block size, per layer, summed). Prints JSON.
 """
 
@@ -43,7 +44,7 @@ def worker(spec: dict) -> dict:
 
     kw = {"attention_config": {"backend": spec["backend"]}} if spec.get("backend") else {}
     llm = LLM(model=spec["model"], dtype=spec["dtype"], max_model_len=spec["max_len"], enforce_eager=True,
-              seed=0, **kw)
+              seed=0, enable_prefix_caching=False, **kw)
     out: dict = {"kv_bytes_per_token": kv_bytes_per_token(llm)}
     params = SamplingParams(temperature=0.0, max_tokens=spec["tokens"], logprobs=0, prompt_logprobs=0,
                             ignore_eos=True)
@@ -83,19 +84,30 @@ def kv_bytes_per_token(llm) -> int | None:
 
 
 def decode_rates(llm, SamplingParams, context: int, n: int, batches: list[int]) -> dict:
-    tok = llm.get_tokenizer()
-    base = tok("The quick brown fox jumps over the lazy dog. ", add_special_tokens=False)["input_ids"]
-    ids = (base * (context // len(base) + 1))[:context]
+    """Decode tokens/s at each batch size after ``context`` prompt tokens: the engine is stepped by hand and only the
+    steps after every request has its first token are timed (prefill excluded). Prompts are distinct random ids."""
+    import random
+
+    eng, rng = llm.llm_engine, random.Random(0)
+    vocab = llm.get_tokenizer().vocab_size
     rates = {}
     for b in batches:
-        prompts = [{"prompt_token_ids": ids[:-1] + [ids[-1] + i % 3]} for i in range(b)]  # distinct requests
-        t = {}
-        for steps in (1, n + 1):
-            p = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
+        params = SamplingParams(temperature=0.0, max_tokens=n + 1, ignore_eos=True)
+        for i in range(b):
+            ids = [rng.randrange(100, vocab - 100) for _ in range(context)]
+            eng.add_request(f"b{b}-{i}", {"prompt_token_ids": ids}, params)
+        have: dict[str, int] = {}
+        steps, seconds = 0, 0.0
+        while eng.has_unfinished_requests():
+            decoding = len(have) == b and min(have.values()) >= 1
             t0 = time.perf_counter()
-            llm.generate(prompts, p, use_tqdm=False)
-            t[steps] = time.perf_counter() - t0
-        rates[f"batch{b}"] = b * n / max(t[n + 1] - t[1], 1e-9)
+            outs = eng.step()
+            dt = time.perf_counter() - t0
+            for o in outs:
+                have[o.request_id] = len(o.outputs[0].token_ids)
+            if decoding:
+                steps, seconds = steps + 1, seconds + dt
+        rates[f"batch{b}"] = b * steps / seconds if seconds else None
     return rates
 
 
@@ -149,7 +161,7 @@ def main() -> None:
     ap.add_argument("--backend", default=None, help="vLLM attention backend (default: vLLM's choice)")
     ap.add_argument("--throughput", action="store_true")
     ap.add_argument("--context", type=int, default=4096)
-    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--rounds", type=int, default=2, help="throughput rounds, model and original alternated")
     ap.add_argument("--vllm-python", type=Path, default=DEFAULT_VLLM_PYTHON)

@@ -14,6 +14,7 @@ from mla_retrofit.bench.config import BenchConfig
 from mla_retrofit.errors import UserError
 
 from . import state
+from .tables import engines_table
 from .main import VERBOSITY, app, config_file_values, console, default_of, err_console, info, typed_flags, user_errors
 
 
@@ -56,11 +57,16 @@ def bench(
     config: Optional[Path] = typer.Option(None, help="YAML/JSON file with any of these options (flags win)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number to this JSON file."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG: cache vs context, decode tokens/s vs context."),
-    lm_eval: Optional[str] = typer.Option(None, help="Comma list of lm-evaluation-harness tasks (needs lm_eval)."),
+    tasks: Optional[str] = typer.Option(None, help="Executed task benchmarks, model and baseline on the same problems: "
+                                                   "humaneval (greedy pass@1, each program sandboxed)."),
+    task_limit: Optional[int] = typer.Option(None, help="Only the first N problems of each task (default: all)."),
+    task_max_tokens: Optional[int] = typer.Option(None, help=f"Greedy tokens per completion. {_d('task_max_tokens')}"),
+    task_batch: Optional[int] = typer.Option(None, help=f"Prompts generated together. {_d('task_batch')}"),
+    task_timeout: Optional[float] = typer.Option(None, help=f"Seconds per program. {_d('task_timeout')}"),
 ) -> None:
     """Benchmark a converted model against its original: KV report, fidelity, speed.
 
-    With none of --kv-report/--fidelity/--speed, all three run.
+    With none of --kv-report/--fidelity/--speed, all three run (only the tasks when --tasks alone is given).
 
     Examples:
 
@@ -69,6 +75,8 @@ def bench(
       mla-retrofit bench out/ --fidelity --text heldout.txt --json bench.json
 
       mla-retrofit bench out/ --speed --speed-context 4k,8k --plot bench.png
+
+      mla-retrofit bench out/ --tasks humaneval --json he.json
     """
     from mla_retrofit.bench.run import plot as make_plot, run_bench
 
@@ -78,20 +86,16 @@ def bench(
             if model is None:
                 raise UserError("no model given and no previous run here; run 'mla-retrofit convert MODEL OUT' first")
             info(f"using the last run's output: {model}")
-        if lm_eval:
-            _check_lm_eval()
         names = set(BenchConfig.model_fields)
         local = dict(locals())
         values = {**config_file_values(config, names, ("model",)),
                   **typed_flags(ctx, {k: local[k] for k in names - {"model"} if k in local})}
         sections = ("kv_report", "fidelity", "speed")
-        if any(values.get(k) for k in sections):  # asking for some sections runs only those
+        if any(values.get(k) for k in sections) or values.get("tasks"):  # asking for some runs only those
             values.update({k: bool(values.get(k)) for k in sections})
         cfg = BenchConfig(model=model, **values)
         with err_console.status("benchmarking") as status:
             result = run_bench(cfg, progress=lambda s: status.update(s), command=" ".join(["mla-retrofit"] + sys.argv[1:]))
-        if lm_eval:
-            result["lm_eval"] = _run_lm_eval(model, lm_eval)
         print_bench(result)
         if json_path:
             json_path.write_text(json.dumps(result, indent=2))
@@ -99,21 +103,6 @@ def bench(
         if plot:
             make_plot(result, str(plot))
             info(f"wrote {plot}")
-
-
-def _check_lm_eval() -> None:
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError as e:
-        raise UserError("--lm-eval needs lm-evaluation-harness: pip install lm-eval") from e
-
-
-def _run_lm_eval(model: str, tasks: str) -> dict:
-    import lm_eval
-
-    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model},trust_remote_code=True",
-                                  tasks=tasks.split(","))
-    return out.get("results", {})
 
 
 def _gib(n) -> str:
@@ -152,6 +141,8 @@ def print_bench(result: dict) -> None:
         for r in fit["max_batch"]:
             t.add_row(str(r["context"]), str(r["model"]), str(r["baseline"] if r["baseline"] is not None else "-"))
         console.print(t)
+        if rep.get("engines"):
+            console.print(engines_table(rep["engines"]))
         m = rep["measured"]
         for name, g in m.items():
             ok = "[green]equal[/]" if g["measured_bytes"] == g["analytic_bytes"] else "[red]DIFFERENT[/]"
@@ -165,6 +156,8 @@ def print_bench(result: dict) -> None:
         if fid.get("kl_by_position"):
             quarters = ", ".join(f"{v:.3f}" for v in fid["kl_by_position"])
             console.print(f"KL by quarter of the window, first to last: {quarters}", highlight=False)
+    for name, t in (result.get("tasks") or {}).items():
+        print_task(name, t)
     sp = result.get("speed")
     if sp:
         t = Table(title=f"speed, batch {sp[0]['batch']} (tokens/s: model / baseline)")
@@ -182,5 +175,23 @@ def print_bench(result: dict) -> None:
                           "preallocated caches", style="dim", highlight=False)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# ---------------------------------------------------------------------------------------------------------
+def print_task(name: str, t: dict) -> None:
+    m, b, p = t["model"], t.get("baseline"), t.get("paired")
+    line = f"{name}: pass@1 model {m['pass_at_1']:.1%} ({m['passed']}/{m['problems']})"
+    if b:
+        line += f", baseline {b['pass_at_1']:.1%} ({b['passed']}/{b['problems']})"
+    console.print(line + f"; generation {m['generate_seconds']:.0f} s", highlight=False)
+    if p:
+        tab = Table(title=f"{name}: the same {p['problems']} problems (rows: model, columns: baseline)")
+        for col in ("", "baseline passed", "baseline failed"):
+            tab.add_column(col, justify="right")
+        tab.add_row("model passed", str(p["both"]), str(p["model_only"]))
+        tab.add_row("model failed", str(p["baseline_only"]), str(p["neither"]))
+        console.print(tab)
+        lo, hi = p["ci95"]
+        console.print(f"difference {100 * p['difference']:+.1f} points (paired bootstrap 95% CI {100 * lo:+.1f} to "
+                      f"{100 * hi:+.1f}), exact McNemar p = {p['mcnemar_p']:.3g}", highlight=False)
+    statuses: dict = {}
+    for r in m["results"]:
+        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+    console.print("model outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())), style="dim")

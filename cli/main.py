@@ -337,10 +337,13 @@ def inspect(
         t.add_column("key")
         t.add_column("value")
         for k, v in p.items():
-            t.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+            if k != "engines":
+                t.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
         console.print(t)
+        console.print(engines_table(p["engines"]))
 
 
+from .tables import engines_table  # noqa: E402
 from . import bench_cmd, export_cmd, heal_cmd  # noqa: E402,F401  (register 'bench', 'export', 'heal' on the app)
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from .convert.allocate import resolve_budget
 from .convert.config import calib_parts
 from .convert.teacher import OVERSAMPLE
 from .data import TEACHER_SAMPLES
+from .engines import serving_table
 from .errors import UserError
 from .sources import _locate, load_config
 
@@ -58,6 +59,7 @@ def plan(model: str, kv_ratio=None, kv_dim=None, rank=None, rope_dim=None, dtype
         kv = batch * (calib_seq_len + 64) * L * 2 * c.num_key_value_heads * h * 4
         convert_peak = max(convert_peak, 0.5e9 + params["total"] * 4 + kv)
     heal_bytes = params["total"] * (2 + 2 + 12) + params["total"] * 2  # bf16 weights+grads, fp32 Adam+master, teacher
+    rank_mean = budget.uniform_rank or budget.latent_total_per_layer
     return {
         "architecture": f"{c.model_type} ({spec.notes})",
         "supported": True,
@@ -83,4 +85,5 @@ def plan(model: str, kv_ratio=None, kv_dim=None, rank=None, rope_dim=None, dtype
                         "one batch's KV cache; "
                         "heal: bf16 weights and grads, fp32 master weights and AdamW states, bf16 teacher, "
                         "activations extra (use --gradient-checkpointing)",
+        "engines": serving_table([rank_mean] * L, [budget.rope_dim] * L, L * budget.full),
     }

@@ -45,6 +45,15 @@ class BenchConfig(Config):
     device: str = "auto"  # auto: cuda when available, else cpu
     weights_dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     attn: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"  # auto: flash-attn on cuda when installed
+    tasks: str = ""  # comma list of executed task benchmarks (humaneval); model and baseline on the same problems
+    task_limit: int | None = Field(None, ge=1)  # the first N problems of each task (None: all)
+    task_max_tokens: int = Field(384, ge=1)  # greedy tokens per completion
+    task_batch: int = Field(8, ge=1)  # prompts generated together (batched by length)
+    task_timeout: float = Field(10.0, gt=0)  # seconds per program in the sandbox
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.strip() for t in self.tasks.split(",") if t.strip()]
 
     @model_validator(mode="after")
     def _checked(self):
@@ -66,6 +75,11 @@ class BenchConfig(Config):
         if self.attn == "flash_attention_2" and not flash_attn_available():
             raise UserError("--attn flash_attention_2 needs flash-attn: pip install 'mla-retrofit[flash]' (CUDA only)")
         dtypes.cache_bytes(self.dtype)
+        from .tasks import TASKS
+
+        unknown = [t for t in self.task_names if t not in TASKS]
+        if unknown:
+            raise UserError(f"unknown task '{unknown[0]}' for --tasks; choose from {', '.join(TASKS)}")
         for name, flag in (("contexts", "--context"), ("batches", "--batch"), ("speed_contexts", "--speed-context")):
             try:
                 kv.parse_tokens(getattr(self, name))

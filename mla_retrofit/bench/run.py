@@ -6,6 +6,7 @@ JSON schema (version 1), every section present only when it ran::
      "runtime": {"device", "weights_dtype", "attn_implementation"},
      "kv_report": {"dtype": str, "dtype_bytes": int,
                    "per_layer": [{"layer", "rank", "rope_dim", "values", "baseline_values"}],
+                   "engines": [{"engine", "runs", "shape", "values_per_token", "vs_native", "vs_original", "how"}] | null,
                    "values_per_token": {"model", "baseline"}, "bytes_per_token": {"model", "baseline"},
                    "table": [{"context", "batch", "model_bytes", "baseline_bytes"}],
                    "fit": {"memory_bytes", "weights_bytes", "max_context_batch1": {"model", "baseline"},
@@ -13,11 +14,14 @@ JSON schema (version 1), every section present only when it ran::
                    "measured": {"model": {...GenerateMeasurement}, "baseline": {...}}},
      "fidelity": {"text", "tokens", "ppl_model", "ppl_baseline", "ppl_ratio", "kl", "top1_agreement"},
      "speed": [{"context", "batch", "cache", "compiled", "model": {...SpeedPoint}, "baseline": {...}, "decode_ratio",
-                "prefill_ratio"}]}
+                "prefill_ratio"}],
+     "tasks": {NAME: {"problems": [task_id], "model": {...}, "baseline": {...}, "paired": {...Paired}}}}
 
 ``speed[].cache`` and ``speed[].compiled`` (added in 0.2, still schema 1): ``dynamic`` is each model's default
 ``generate()`` cache, ``static`` both models on a preallocated ``StaticCache``; ``compiled`` is true when the
-decode steps ran through ``torch.compile`` (CUDA graphs on a GPU).
+decode steps ran through ``torch.compile`` (CUDA graphs on a GPU). ``tasks`` (0.3, still schema 1): per model
+``pass_at_1``, ``passed``, ``problems``, ``generate_seconds``, ``execute_seconds`` and ``results`` (task_id,
+completion, passed, status, detail), see :mod:`.tasks`.
 """
 
 from __future__ import annotations
@@ -99,7 +103,13 @@ def kv_report(cfg: BenchConfig, model, baseline, tokenizer) -> dict:
     measured = {"model": asdict(kv.measure_generate(model, prompt, cfg.generate_tokens))}
     if baseline is not None:
         measured["baseline"] = asdict(kv.measure_generate(baseline, prompt, cfg.generate_tokens))
-    return {"dtype": cfg.dtype, "dtype_bytes": dtype_bytes, "per_layer": per_layer,
+    engines = None
+    if is_mla(c):
+        from ..engines import serving_table
+
+        engines = serving_table(list(c.kv_lora_ranks), [2 * len(f) for f in c.rope_freq_idx],
+                                sum(bvals) if bvals else None)
+    return {"dtype": cfg.dtype, "dtype_bytes": dtype_bytes, "per_layer": per_layer, "engines": engines,
             "values_per_token": {"model": sum(mvals), "baseline": sum(bvals) if bvals else None},
             "bytes_per_token": {"model": sum(mvals) * dtype_bytes, "baseline": sum(bvals) * dtype_bytes if bvals else None},
             "table": table, "fit": fit, "measured": measured}
@@ -141,6 +151,12 @@ def run_bench(cfg: BenchConfig, progress=None, command: str | None = None) -> di
                                           cfg.decode_rounds, cache="static" if mode == "compiled" else mode,
                                           compile=mode == "compiled")
                 result["speed"].append({"context": context, "batch": cfg.speed_batch, **cmp.as_dict()})
+    if cfg.task_names:
+        from .tasks import run_tasks
+
+        result["tasks"] = run_tasks(cfg.task_names, model, baseline, tokenizer, limit=cfg.task_limit,
+                                    max_new_tokens=cfg.task_max_tokens, batch_size=cfg.task_batch,
+                                    timeout_s=cfg.task_timeout, say=say)
     return result
 
 
