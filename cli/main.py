@@ -65,7 +65,7 @@ def user_errors():
         fail(str(e))
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             fail(f"no space left on the device ({e.filename or 'while writing'}); free some space and rerun the same "

@@ -11,7 +11,6 @@ from .convert.config import calib_parts
 from .convert.teacher import OVERSAMPLE
 from .data import TEACHER_SAMPLES
 from .engines import serving_table
-from .errors import UserError
 from .sources import _locate, load_config
 
 

@@ -339,7 +339,6 @@ def test_complex_mixing_converts_phase_shifted_heads_exactly(tiny_src, tmp_path)
     """A tiny Llama whose second KV head's keys are its first head's, each pair turned by its own angle: in the
     DeepSeek layout (one RoPE component per frequency) with every frequency kept and the values' full rank, the
     complex mix converts it exactly; the real mix cannot and misses by far more."""
-    from transformers import AutoModelForCausalLM
 
     from mla_retrofit.sources import load_model
     from tiny import tiny_model, tiny_tokenizer
@@ -432,7 +431,7 @@ def test_layer_sensitivity_predicts_the_kl_of_a_perturbation(tiny_src, tmp_path)
 
                 def perturb(_m, _a, out):
                     flat = out.reshape(-1, out.shape[-1])
-                    return out + math.sqrt(eps) * flat[perm].view_as(out)
+                    return out + math.sqrt(eps) * flat[perm].view_as(out)  # noqa: B023  (removed below)
 
                 h = model.model.layers[i].self_attn.o_proj.register_forward_hook(perturb)
                 kls.append(float(kl_per_token(model(ids).logits, ref, torch.float64).mean()))

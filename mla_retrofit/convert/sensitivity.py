@@ -73,7 +73,7 @@ def _sensitivities(conv, ids: torch.Tensor, seed: int, chunk: int) -> list[float
 
         def keep(_mod, _args, out):
             out.retain_grad()
-            captured["o"] = out
+            captured["o"] = out  # noqa: B023  (the hook is removed within this iteration)
 
         handle = layer.self_attn.o_proj.register_forward_hook(keep)
         grad_in = torch.empty_like(grad)

@@ -80,7 +80,7 @@ def refit_output_projections(student, teacher, ids: torch.Tensor, positions: tor
     for i, layer in enumerate(model.layers):
         o_proj: nn.Linear = layer.self_attn.o_proj
         rec = _Record()
-        handle = o_proj.register_forward_pre_hook(lambda m, a, k: rec(m, a, k), with_kwargs=True)
+        handle = o_proj.register_forward_pre_hook(lambda m, a, k: rec(m, a, k), with_kwargs=True)  # noqa: B023
         try:
             layer(hidden_states=h, attention_mask=attention_mask, position_embeddings=position_embeddings,
                   position_ids=positions)

@@ -19,7 +19,7 @@ def run_tasks(names: list[str], model, baseline, tokenizer, *, limit: int | None
             if m is None:
                 continue
             scored[who] = run_humaneval(m, tokenizer, problems, max_new_tokens, batch_size, timeout_s=timeout_s,
-                                        progress=lambda done, n, who=who: say(f"{name}: {who} {done}/{n} problems"))
+                                        progress=lambda done, n, who=who, name=name: say(f"{name}: {who} {done}/{n} problems"))
         entry = {"problems": [p.task_id for p in problems], **scored}
         if baseline is not None:
             entry["paired"] = compare([r["passed"] for r in scored["model"]["results"]],
