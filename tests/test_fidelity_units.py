@@ -9,15 +9,23 @@ from mla_retrofit.bench.fidelity import compare
 
 
 class Fixed:
-    """A 'model' that gives the same next-token distribution at every position."""
+    """A 'model' that gives the same next-token distribution at every position (as a decoder and an output head:
+    the final hidden state selects a row of logits)."""
 
     def __init__(self, probs):
         self.logits = torch.tensor(probs).log()
+        self.rows = torch.stack([self.logits, self.logits])  # [2, V]: hidden [1, 0] -> row 0, [0, 1] -> row 1
 
-    def __call__(self, ids, use_cache=False):
-        out = type("Out", (), {})()
-        out.logits = self.logits.expand(ids.shape[0], ids.shape[1], -1).clone()
-        return out
+    def hidden(self, ids):
+        h = torch.zeros(ids.shape[0], ids.shape[1], 2)
+        h[..., 0] = 1
+        return h
+
+    def get_decoder(self):
+        return lambda input_ids, use_cache=False: type("Out", (), {"last_hidden_state": self.hidden(input_ids)})()
+
+    def get_output_embeddings(self):
+        return lambda h: h @ self.rows
 
 
 def test_kl_direction_top1_and_perplexities_on_known_distributions():
@@ -39,12 +47,12 @@ class LateDrift(Fixed):
 
     def __init__(self, probs, late):
         super().__init__(probs)
-        self.late = torch.tensor(late).log()
+        self.rows[1] = torch.tensor(late).log()
 
-    def __call__(self, ids, use_cache=False):
-        out = super().__call__(ids)
-        out.logits[:, ids.shape[1] // 2 :] = self.late
-        return out
+    def hidden(self, ids):
+        h = super().hidden(ids)
+        h[:, ids.shape[1] // 2 :] = torch.tensor([0.0, 1.0])
+        return h
 
 
 def test_kl_by_position_locates_a_late_drift_and_averages_to_the_kl():
@@ -55,6 +63,31 @@ def test_kl_by_position_locates_a_late_drift_and_averages_to_the_kl():
     assert f.kl_by_position == pytest.approx([0.0, kl_bm], abs=1e-6)
     assert f.kl == pytest.approx(sum(f.kl_by_position) / 2, rel=1e-6)
     assert compare(model, baseline, ids).kl_by_position == []
+
+
+def test_log_probs_come_a_few_positions_at_a_time_and_add_up_the_same(monkeypatch, converted, tiny_src):
+    """The head runs on slices of the hidden states (a 152k vocabulary never needs B x T x V float32 at once), and
+    the statistics equal those of the full logits."""
+    import torch.nn.functional as F
+
+    from mla_retrofit.bench import fidelity
+    from mla_retrofit.metrics import kl_from_log_probs
+    from mla_retrofit.sources import load_model
+
+    model, base = load_model(str(converted("qwen2", 0.5))).eval(), load_model(str(tiny_src("qwen2"))).eval()
+    ids = torch.randint(0, 512, (3, 40), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(fidelity, "CHUNK_TOKENS", 8)
+    shapes = []
+    real = F.log_softmax
+    monkeypatch.setattr(fidelity.F, "log_softmax", lambda x, dim: shapes.append(x.shape) or real(x, dim=dim))
+    f = compare(model, base, ids, batch_size=2, buckets=3)
+    assert max(s[0] * s[1] for s in shapes) <= 8 and len(shapes) > 2 * 2
+    with torch.no_grad():
+        lm = real(model(ids).logits[:, :-1].float(), dim=-1)
+        lb = real(base(ids).logits[:, :-1].float(), dim=-1)
+    assert f.kl == pytest.approx(float(kl_from_log_probs(lm, lb).mean()), rel=1e-5)
+    nll = float(-lm.gather(-1, ids[:, 1:, None]).mean())
+    assert f.ppl_model == pytest.approx(math.exp(nll), rel=1e-5) and f.tokens == 3 * 39
 
 
 def test_calibration_seed_draws_other_windows_reproducibly():

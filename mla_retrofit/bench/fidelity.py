@@ -28,6 +28,24 @@ class Fidelity:
         return {**asdict(self), "ppl_ratio": self.ppl_ratio}
 
 
+CHUNK_TOKENS = 256  # positions x batch whose float32 log-probabilities are held at once
+
+
+def _final_hidden(model, x: torch.Tensor) -> torch.Tensor:
+    return model.get_decoder()(input_ids=x, use_cache=False).last_hidden_state
+
+
+def _log_probs(model, x: torch.Tensor):
+    """``(span, log_probs)`` of the next-token distributions over positions ``0 .. T-2``, a few positions at a time:
+    the output head runs on slices of the final hidden states, so a 152k vocabulary never needs ``B x T x V``
+    float32 at once."""
+    hidden = _final_hidden(model, x)[:, :-1]
+    head = model.get_output_embeddings()
+    step = max(1, CHUNK_TOKENS // x.shape[0])
+    for t in range(0, hidden.shape[1], step):
+        yield slice(t, t + step), F.log_softmax(head(hidden[:, t:t + step]).float(), dim=-1)
+
+
 @torch.no_grad()
 def compare(model, baseline, ids: torch.Tensor, batch_size: int = 2, progress=None, buckets: int = 0) -> Fidelity:
     """Both models score ``ids`` (``[N, T]``); next-token statistics over all ``N * (T - 1)`` positions.
@@ -40,16 +58,15 @@ def compare(model, baseline, ids: torch.Tensor, batch_size: int = 2, progress=No
     by_position = torch.zeros(ids.shape[1] - 1, dtype=torch.float64)
     for s in range(0, ids.shape[0], batch_size):
         x = ids[s : s + batch_size]
-        lm = F.log_softmax(model(x, use_cache=False).logits[:, :-1].float(), dim=-1)
-        lb = F.log_softmax(baseline(x, use_cache=False).logits[:, :-1].float(), dim=-1)
-        target = x[:, 1:].unsqueeze(-1)
-        nll_m += float(-lm.gather(-1, target).sum())
-        nll_b += float(-lb.gather(-1, target).sum())
-        kl_tokens = kl_from_log_probs(lm, lb)
-        kl += float(kl_tokens.sum())
-        by_position += kl_tokens.double().sum(0)
-        agree += float(top1_agreement(lm, lb).sum())
-        count += target.numel()
+        for (span, lm), (_, lb) in zip(_log_probs(model, x), _log_probs(baseline, x)):
+            target = x[:, 1:][:, span].unsqueeze(-1)
+            nll_m += float(-lm.gather(-1, target).sum())
+            nll_b += float(-lb.gather(-1, target).sum())
+            kl_tokens = kl_from_log_probs(lm, lb)
+            kl += float(kl_tokens.sum())
+            by_position[span] += kl_tokens.double().sum(0)
+            agree += float(top1_agreement(lm, lb).sum())
+            count += target.numel()
         if progress:
             progress(min(s + batch_size, ids.shape[0]), ids.shape[0])
     return Fidelity(
