@@ -15,14 +15,13 @@ from mla_retrofit.errors import UserError
 
 from . import state
 from .tables import engines_table
-from .main import VERBOSITY, app, config_file_values, console, default_of, err_console, info, typed_flags, user_errors
+from .common import VERBOSITY, config_file_values, console, default_of, err_console, info, typed_flags, user_errors
 
 
 def _d(name: str) -> str:
     return default_of(BenchConfig, name)
 
 
-@app.command()
 def bench(
     ctx: typer.Context,
     model: Optional[str] = typer.Argument(None, help="Model to benchmark (default: the last heal, else the last convert)."),

@@ -10,14 +10,13 @@ import typer
 
 from mla_retrofit.export.config import ExportConfig
 
-from .main import _plain, app, config_file_values, default_of, err_console, info, typed_flags, user_errors
+from .common import _plain, config_file_values, default_of, err_console, info, typed_flags, user_errors
 
 
 def _d(name: str) -> str:
     return default_of(ExportConfig, name)
 
 
-@app.command()
 def export(
     ctx: typer.Context,
     model: Path = typer.Argument(..., help="Native MLA checkpoint (from convert or heal); for gguf also an --engine export."),

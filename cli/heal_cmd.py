@@ -18,13 +18,12 @@ import typer
 from . import state
 from mla_retrofit.heal.config import BASE, PRESETS, HealConfig
 
-from .main import _plain, app, config_file_values, console, default_of, info, pick, progress_bar, typed_flags, user_errors
+from .common import _plain, config_file_values, console, default_of, info, pick, progress_bar, typed_flags, user_errors
 
 def _d(name: str) -> str:
     return default_of(HealConfig, name)
 
 
-@app.command()
 def heal(
     ctx: typer.Context,
     model: Optional[str] = typer.Argument(None, help="Converted checkpoint, or a DeepSeek-V3 export of one "

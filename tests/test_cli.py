@@ -208,9 +208,9 @@ def test_commands_restate_no_default(command):
     from mla_retrofit.convert.config import ConvertConfig
     from mla_retrofit.export.config import ExportConfig
     from mla_retrofit.heal.config import HealConfig
-    from mla_retrofit_cli import bench_cmd, export_cmd, heal_cmd, main
+    from mla_retrofit_cli import bench_cmd, convert_cmd, export_cmd, heal_cmd
 
-    fn, cls = {"convert": (main.convert, ConvertConfig), "heal": (heal_cmd.heal, HealConfig),
+    fn, cls = {"convert": (convert_cmd.convert, ConvertConfig), "heal": (heal_cmd.heal, HealConfig),
                "bench": (bench_cmd.bench, BenchConfig), "export": (export_cmd.export, ExportConfig)}[command]
     params = pyinspect.signature(fn).parameters
     shared = [n for n in cls.model_fields if n in params and n not in ("model", "output")]
