@@ -86,9 +86,8 @@ def bench(
                 raise UserError("no model given and no previous run here; run 'mla-retrofit convert MODEL OUT' first")
             info(f"using the last run's output: {model}")
         names = set(BenchConfig.model_fields)
-        local = dict(locals())
         values = {**config_file_values(config, names, ("model",)),
-                  **typed_flags(ctx, {k: local[k] for k in names - {"model"} if k in local})}
+                  **typed_flags(ctx, names - {"model"})}
         sections = ("kv_report", "fidelity", "speed")
         if any(values.get(k) for k in sections) or values.get("tasks"):  # asking for some runs only those
             values.update({k: bool(values.get(k)) for k in sections})

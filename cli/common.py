@@ -98,13 +98,14 @@ def config_file_values(path: Optional[Path], names: set[str], not_from_file: tup
     return out
 
 
-def typed_flags(ctx: typer.Context, values: dict) -> dict:
-    """The options the user typed on the command line; the others take the config's own defaults."""
+def typed_flags(ctx: typer.Context, names: set[str]) -> dict:
+    """The options among ``names`` that the user typed on the command line (from click's parsed ``ctx.params``);
+    the others take the config's own defaults."""
     out = {}
-    for name, value in values.items():
-        source = ctx.get_parameter_source(name)
+    for name in names:
+        source = ctx.get_parameter_source(name) if name in ctx.params else None
         if source is not None and source.name == "COMMANDLINE":
-            out[name] = value
+            out[name] = ctx.params[name]
     return out
 
 

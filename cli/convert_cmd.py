@@ -112,8 +112,7 @@ def convert(
 
     with user_errors():
         names = set(ConvertConfig.model_fields)
-        local = dict(locals())
-        given = typed_flags(ctx, {k: local[k] for k in names - {"model", "output"} if k in local})
+        given = typed_flags(ctx, names - {"model", "output"})
         cfg = ConvertConfig(model=model, output=str(out), **{**config_file_values(config, names), **given})
         t0 = time.time()
         with err_console.status(f"loading {model}"):

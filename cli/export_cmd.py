@@ -62,9 +62,8 @@ def export(
 
     with user_errors():
         names = set(ExportConfig.model_fields)
-        local = dict(locals())
         values = {**config_file_values(config, names),
-                  **typed_flags(ctx, {k: local[k] for k in names - {"model", "output"} if k in local})}
+                  **typed_flags(ctx, names - {"model", "output"})}
         cfg = ExportConfig(model=str(model), output=str(out), **values)
         with err_console.status(f"exporting {cfg.format}"):
             rep = run_export(cfg)

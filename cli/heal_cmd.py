@@ -114,8 +114,7 @@ def heal(
         model_dir = pick("convert", model, "converted model")
         out_dir = out or Path(f"{model_dir.rstrip('/')}-healed")
         names = set(HealConfig.model_fields)
-        local = dict(locals())
-        given = typed_flags(ctx, {k: local[k] for k in names - {"model", "output"} if k in local})
+        given = typed_flags(ctx, names - {"model", "output"})
         values = {**config_file_values(config, names), **given}
         if "split" in values:
             values["split"] = parse_split(values["split"])
