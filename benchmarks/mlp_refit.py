@@ -22,7 +22,8 @@ import torch
 
 from mla_retrofit.bench.fidelity import compare
 from mla_retrofit.heal import models
-from mla_retrofit.heal.refit import _Record, moment_error, solve
+from mla_retrofit.heal.refit import _Record
+from mla_retrofit.ridge import moment_error, solve
 from mla_retrofit.sources import EMBEDDED_DEFAULT, load_model, load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -316,3 +316,18 @@ def attention_state(
         if w.k_norm is not None:
             state["k_norm.weight"] = w.k_norm
     return state
+
+
+def drop_zero_biases(state: dict, wanted) -> dict:
+    """Leave out the bias tensors the MLA layer has no parameter for (they are zero: a bias-free latent)."""
+    extra = [k for k in state if k not in wanted]
+    for k in extra:
+        if not k.endswith(".bias") or float(state[k].abs().max()) > 0:
+            raise RuntimeError(f"conversion produced '{k}' but the MLA layer has no such parameter")
+    return {k: v for k, v in state.items() if k in wanted}
+
+
+def keep_freqs(plan, first_plan):
+    """In ``propagate='converted'`` mode the cache layout (kept pairs) stays that of pass A."""
+    plan.kept, plan.dropped = first_plan.kept, first_plan.dropped
+    return plan

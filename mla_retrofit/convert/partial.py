@@ -45,6 +45,11 @@ def _save(obj, path: Path) -> None:
 
 
 class PartialRun:
+    @property
+    def teacher_samples(self) -> Path:
+        """The sampled calibration text, kept for a rerun and copied into the output (for ``heal --data``)."""
+        return self.dir / "teacher-samples.jsonl"
+
     def __init__(self, out: Path, fingerprint: dict, n_layers: int, resume: bool, discard: bool):
         self.dir = partial_dir(out)
         self.n = n_layers

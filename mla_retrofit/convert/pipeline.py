@@ -32,7 +32,9 @@ from ..sources import Source, resolve
 from . import allocate, factorize
 from .calibrate import LayerStats, accumulate
 from .config import ConvertConfig, calib_parts
-from .layer import ALPHAS, AttnWeights, attention_state, factorization, metric, plan_rope, refit_values, targets
+from .layer import (ALPHAS, AttnWeights, attention_state, drop_zero_biases, factorization, keep_freqs, metric,
+                    plan_rope, refit_values, targets)
+from .output_refit import refit_output
 from .partial import RESUME_FREE, PartialRun, source_fingerprint
 from .report import ConversionResult, LayerReport, conversion_record, model_card, peak_rss_mb
 
@@ -100,7 +102,7 @@ class Converter:
 
                 report = lambda done, total: self.progress("samples", done, total)  # noqa: E731
                 texts = calibration_texts(cfg.model, tok, share, cfg.calib_seq_len, cfg.calib_seed,
-                                          work and self._samples_path(work), report, loaded=self.source.model)
+                                          work and work.teacher_samples, report, loaded=self.source.model)
             else:
                 texts = data.texts(spec, tok)
             got.append(data.token_windows(texts, tok, share, cfg.calib_seq_len, seed=cfg.calib_seed))
@@ -109,10 +111,6 @@ class Converter:
         if ids.shape[0] < cfg.calib_samples:
             self.notes.append(f"calibration data gave {ids.shape[0]} windows of {cfg.calib_seq_len} tokens, not {cfg.calib_samples}")
         return ids
-
-    @staticmethod
-    def _samples_path(work: PartialRun) -> Path:
-        return work.dir / "teacher-samples.jsonl"
 
     def _rope(self, t: int):
         x = torch.zeros(1, t, 1)
@@ -266,13 +264,13 @@ class Converter:
                 self._run_layer(layer, hidden, cos, sin, stats)
                 plan = plan_rope(stats, cfg.method, self.budget.rope_dim, inv_freq, self.n_heads, scaling, cfg.rope_layout,
                              cfg.nope_fit, cfg.rope_mixing)
-                plan = _keep_freqs(plan, saved["plan"])
+                plan = keep_freqs(plan, saved["plan"])
             mla_layer, report = self._convert_layer(i, layer, stats, plan, ranks[i], mla_cfg, cos, sin)
             target = saved.get("target")
             del saved, stats
             if refit:
-                hidden, report.output_error, report.output_error_refit = self._refit_output(
-                    mla_layer, hidden, target, cos, sin)
+                hidden, report.output_error, report.output_error_refit = refit_output(
+                    mla_layer, hidden, target, cos, sin, self.cfg.batch_size, self.cfg.refit_ridge)
             elif track:
                 hidden = self._run_layer(mla_layer, hidden, cos, sin, None)
             del target
@@ -305,9 +303,9 @@ class Converter:
                     writer.adopt(work.b_path(i), f)
                 f.close()
             self._write_rest(writer, tmp, mla_cfg)
-            if self._samples_path(work).is_file():  # the calibration text, for a rerun or a heal (--data)
+            if work.teacher_samples.is_file():  # the calibration text, for a rerun or a heal (--data)
                 (tmp / "data").mkdir()
-                shutil.copyfile(self._samples_path(work), tmp / "data" / "teacher-samples.jsonl")
+                shutil.copyfile(work.teacher_samples, tmp / "data" / "teacher-samples.jsonl")
             writer.close()
             result.kv_original = self.n_layers * self.budget.full
             result.kv_converted = sum(mla_cfg.cache_values_per_token())
@@ -375,57 +373,6 @@ class Converter:
         )
         return mla_layer, report
 
-    @torch.no_grad()
-    def _refit_output(self, mla_layer, hidden, target, cos, sin):
-        """Refit ``mla_layer``'s ``o_proj`` so the converted residual stream after attention lands on the source's.
-
-        ``hidden`` is the converted model's residual stream entering this layer (after the MLA layers so far),
-        ``target`` the source's residual stream after this layer's attention (kept from pass A). With ``z`` the
-        MLA heads' concatenated outputs on ``hidden`` and ``y = target - hidden - b`` (``b`` the MLA ``o_proj``
-        bias), the new weight is the ridge solution toward the source's ``W_o``:
-        ``(Y Z^T + lam W_o)(Z Z^T + lam I)^-1``, ``lam`` = ``refit_ridge`` x the mean diagonal of ``Z Z^T``
-        (``heal.refit.solve``, the same solve as ``heal --refit``). It corrects, in the output space, what the
-        latent loses and the drift the layers before it left.
-
-        The layer runs once: returns the converted stream after this layer (with the refit ``o_proj``) and the
-        relative error of ``y`` on the calibration windows before and after the refit.
-        """
-        from ..heal.refit import moment_error, solve
-
-        o = mla_layer.self_attn.o_proj
-        got = {}
-        hook = o.register_forward_pre_hook(lambda _m, args: got.__setitem__("z", args[0]))
-        n_in, n_out = o.in_features, o.out_features
-        zz = torch.zeros(n_in, n_in, dtype=torch.float64)
-        yz = torch.zeros(n_out, n_in, dtype=torch.float64)
-        yy, zs = 0.0, []
-        bs = self.cfg.batch_size
-        try:
-            for s in range(0, hidden.shape[0], bs):
-                h = hidden[s : s + bs]
-                c, sn = cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1)
-                mla_layer.self_attn(mla_layer.input_layernorm(h), position_embeddings=(c, sn))
-                zs.append(got["z"])
-                y = target[s : s + bs] - h
-                if o.bias is not None:
-                    y = y - o.bias
-                z, y = got["z"].reshape(-1, n_in), y.reshape(-1, n_out)
-                zz += (z.T @ z).double()
-                yz += (y.T @ z).double()
-                yy += float(y.double().square().sum())
-        finally:
-            hook.remove()
-        w0 = o.weight.double()
-        w = solve(zz, yz, w0, self.cfg.refit_ridge)
-        before, after = moment_error(w0, zz, yz, yy), moment_error(w, zz, yz, yy)
-        o.weight.copy_(w.to(o.weight.dtype))
-        # the converted layer's output from the heads' outputs already computed (MLARetrofitDecoderLayer.forward)
-        out = torch.empty_like(hidden)
-        for j, s in enumerate(range(0, hidden.shape[0], bs)):
-            r = hidden[s : s + bs] + o(zs[j])
-            out[s : s + bs] = r + mla_layer.mlp(mla_layer.post_attention_layernorm(r))
-        return out, before, after
-
     def _rest_bytes(self) -> int:
         c, size = self.config, torch.empty(0, dtype=self.dtype).element_size()
         tables = 1 if getattr(c, "tie_word_embeddings", False) else 2
@@ -446,21 +393,6 @@ class Converter:
             self.source.tokenizer().save_pretrained(str(tmp))
         except Exception as e:  # a model without a tokenizer still converts
             self.notes.append(f"tokenizer not copied: {e}")
-
-def drop_zero_biases(state: dict, wanted) -> dict:
-    """Leave out the bias tensors the MLA layer has no parameter for (they are zero: a bias-free latent)."""
-    extra = [k for k in state if k not in wanted]
-    for k in extra:
-        if not k.endswith(".bias") or float(state[k].abs().max()) > 0:
-            raise RuntimeError(f"conversion produced '{k}' but the MLA layer has no such parameter")
-    return {k: v for k, v in state.items() if k in wanted}
-
-
-def _keep_freqs(plan, first_plan):
-    """In ``propagate='converted'`` mode the cache layout (kept pairs) stays that of pass A."""
-    plan.kept, plan.dropped = first_plan.kept, first_plan.dropped
-    return plan
-
 
 def convert(cfg: ConvertConfig, progress=None, source: Source | None = None) -> ConversionResult:
     return Converter(cfg, progress, source).run()
