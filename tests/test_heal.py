@@ -257,7 +257,9 @@ def test_rerunning_a_finished_heal_does_nothing(mla_dir, healed):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(mla_dir, tmp_path, monkeypatch):
-    real, calls = recipe.distill_sums, []
+    from mla_retrofit.heal import objective
+
+    real, calls = objective.distill_sums, []
 
     def flaky(*args):
         calls.append(1)
@@ -266,7 +268,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(mla_dir, tmp_path, mo
             sums.kl = sums.kl * float("nan")
         return sums
 
-    monkeypatch.setattr(recipe, "distill_sums", flaky)
+    monkeypatch.setattr(objective, "distill_sums", flaky)
     out = tmp_path / "out"
     with pytest.raises(UserError, match="loss is nan at phase 2 .* step 3"):
         heal(config(mla_dir, out, split=(0, 1, 0), steps=4, save_every=1))

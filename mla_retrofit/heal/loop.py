@@ -119,7 +119,7 @@ class PhaseRun:
             sync = contextlib.nullcontext() if k == accum - 1 else self.engine.no_sync(self.wrapped)
             with sync:
                 with self.engine.autocast():
-                    loss, parts = self.r.phase_loss(self.phase, self.student, self.wrapped, batch, counts)
+                    loss, parts = self.r.objective.loss(self.phase, self.student, self.wrapped, batch, counts)
                 if self.phase.name == "imitate":  # a mean per micro-batch: average them
                     loss = loss / accum
                 self.engine.backward(loss * scale)

@@ -22,7 +22,6 @@ holds the weights it started from) unless ``keep_last``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -42,10 +41,10 @@ from .config import HealConfig
 from .data import PackedStream, split_dev
 from .engine import make_engine, rng_state, seed_everything, set_rng_state
 from .gate import DevScore, dev_score
-from .loop import Batch, PhaseResult, PhaseRun, lr_lambda
+from .loop import PhaseResult, PhaseRun, lr_lambda
 from .output import OutputMixin, saved_dtype
-from .losses import distill_sums, imitation_loss, residual_match_sum
 from .models import causal_mask
+from .objective import Objective
 from .plan import PhasePlan, Plan, make_plan
 from .refit import refit_output_projections
 from .state import (Checkpoint, CheckpointError, MetricsLog, ResumeState, latest_checkpoint, load_part, read_state,
@@ -84,7 +83,6 @@ class HealRecipe(OutputMixin):
         self.out = Path(self.cfg.output)
         self.ckpt_root = self.out / "checkpoints"
         self._teacher = None
-        self._metrics: list[torch.Tensor] | None = None  # phase 1 metric factors (imitate_metric fisher)
 
     # -- setup ------------------------------------------------------------------------------------
     def make_plan(self, world_size: int) -> Plan:
@@ -106,6 +104,8 @@ class HealRecipe(OutputMixin):
         records = None if self.cfg.data == TEACHER_SAMPLES else self.records()  # bad data fails before OUT exists
         state = self.prepare_output()
         self.load_data(records if records is not None else self.records())
+        self.objective = Objective(self.cfg, self.teacher, self.engine, lambda: (self.ids, self.positions),
+                                   self.progress)
         resumed = state.phase > 0
         if not state.evals:
             self.evaluate(state, models.load_student(self.cfg.model).to(self.engine.device), "input")
@@ -348,60 +348,6 @@ class HealRecipe(OutputMixin):
             set_rng_state(load_part(path, "rng", trusted=True))
         except CheckpointError as e:
             raise UserError(f"cannot resume: {e}; pass --overwrite to start over") from e
-
-    def phase_loss(self, phase: PhasePlan, student, wrapped, batch: Batch, counts: torch.Tensor):
-        """The loss of one micro-batch, already divided by the step's token counts; and its parts for the log."""
-        if phase.name == "imitate":
-            return self.imitation_loss(student, wrapped, batch), {}
-        ce_weight = self.cfg.ce_weight if phase.name == "mla-only" else self.cfg.full_ce_weight
-        teacher, teacher_hidden = self.teacher(), None
-        match = self.cfg.hidden_weight > 0
-        teacher_layers = models.LayerTap(teacher.model) if match else contextlib.nullcontext()
-        if self.cfg.distill > 0 or match:
-            with torch.no_grad(), teacher_layers:
-                teacher_hidden = teacher.model(input_ids=batch.ids, position_ids=batch.positions,
-                                               use_cache=False).last_hidden_state
-        student_layers = models.LayerTap(student.model) if match else contextlib.nullcontext()
-        with models.HiddenTap(student.model) as tap, student_layers:  # through the wrapper, one logit position only
-            wrapped(input_ids=batch.ids, position_ids=batch.positions, use_cache=False, logits_to_keep=1)
-        sums = distill_sums(tap.hidden, student.lm_head, teacher_hidden if self.cfg.distill > 0 else None,
-                            teacher.lm_head, batch.kd_mask, batch.target, batch.ce_mask if ce_weight > 0 else None,
-                            self.cfg.loss_chunk)
-        kl = sums.kl / counts[0].clamp_min(1.0)
-        ce = sums.ce / counts[1].clamp_min(1.0)
-        loss = self.cfg.distill * kl + ce_weight * ce
-        parts = {"kl": float(kl.detach())}
-        if ce_weight > 0:
-            parts["ce"] = float(ce.detach())
-        if match:
-            hid = residual_match_sum(student_layers.states, teacher_layers.states, batch.kd_mask)
-            hid = hid / counts[0].clamp_min(1.0)
-            loss = loss + self.cfg.hidden_weight * hid
-            parts["hidden"] = float(hid.detach())
-        return loss, parts
-
-    def imitation_loss(self, student, wrapped, batch: Batch) -> torch.Tensor:
-        inputs, targets = models.teacher_attention(self.teacher(), student, batch.ids, batch.positions)
-        position_embeddings = student.model.rotary_emb(inputs[0], batch.positions)
-        mask = causal_mask(student.config, inputs[0], batch.positions)
-        return imitation_loss(wrapped(inputs, position_embeddings, mask), targets, self.imitation_metrics())
-
-    def imitation_metrics(self) -> list[torch.Tensor] | None:
-        """Phase 1's per-layer metric factors (``imitate_metric fisher``), estimated once on the first windows."""
-        if self.cfg.imitate_metric != "fisher":
-            return None
-        if self._metrics is None:
-            cfg, device = self.cfg, self.engine.device
-            n = min(cfg.fisher_windows, self.ids.shape[0])
-
-            def report(done: int, total: int) -> None:
-                if self.engine.is_main:
-                    self.progress("fisher", done, total, {})
-
-            factors = models.attention_fisher(self.teacher(), self.ids[:n].to(device).long(),
-                                              self.positions[:n].to(device).long(), cfg.fisher_ridge, cfg.seed, report)
-            self._metrics = [f.to(device) for f in factors]
-        return self._metrics
 
     # -- checkpoints and output ------------------------------------------------------------------
     def save(self, state: ResumeState, module, wrapped=None, optimizer=None, scheduler=None,
