@@ -21,7 +21,7 @@ import torch
 from mla_retrofit.data import builtin_chat
 from mla_retrofit.heal import models
 from mla_retrofit.heal.data import PackedStream
-from mla_retrofit.heal.engine import resolve_precision
+from mla_retrofit.dtypes import resolve_precision
 from mla_retrofit.heal.losses import distill_sums
 from mla_retrofit.heal.loop import make_batch
 from mla_retrofit.sources import load_tokenizer

@@ -1,4 +1,4 @@
-"""Teacher-sample decoding speed: ``heal/samples.py``'s cached decoder against transformers' ``generate``.
+"""Teacher-sample decoding speed: ``sampling.py``'s cached decoder against transformers' ``generate``.
 
     python benchmarks/sample_speed.py smollm2-135m-instruct --samples 96 --tokens 256 --rounds 2
 
@@ -17,8 +17,9 @@ import time
 
 import torch
 
-from mla_retrofit.heal import models, samples
-from mla_retrofit.heal.engine import resolve_precision
+from mla_retrofit import sampling as samples
+from mla_retrofit.heal import models
+from mla_retrofit.dtypes import resolve_precision
 from mla_retrofit.sources import load_tokenizer
 
 

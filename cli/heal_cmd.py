@@ -87,7 +87,7 @@ def heal(
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
                                                           help="Trade compute for memory (default: the preset's)."),
     precision: Optional[str] = typer.Option(None, help="Matrix products of training and sampling: auto (bf16 "
-                                            "on CUDA and on CPUs with AMX, else fp32), fp32, bf16. "
+                                            "on CUDA and on CPUs with AMX or AVX-512 BF16, else fp32), fp32, bf16. "
                                             f"{_d('precision')}"),
     dry_run: Optional[bool] = typer.Option(None, "--dry-run", help="Print the plan and exit."),
     seed: Optional[int] = typer.Option(None, help=f"Random seed. {_d('seed')}"),

@@ -40,8 +40,6 @@ def plan(model: str, kv_ratio=None, kv_dim=None, rank=None, rope_dim=None, dtype
     # (on by default) adds the source's stream after attention (its target), the heads' outputs and the copy
     # saved for resume: 5 x the activations in all (computed)
     convert_peak = 0.5e9 + params["embedding"] * 2 + params["per_layer"] * 4 * 2 + 5 * act
-    if _locate(model)[1]:  # a GGUF source is held dequantized (fp32) for the whole conversion
-        convert_peak += params["total"] * 4
     # the sensitivity pass (rank allocation, docs/method.md §4), computed not measured: the output head in fp32,
     # every layer's input on 4 windows, one layer with its gradients
     sensitivity_peak = (0.5e9 + params["embedding"] * (2 + 4) + 4 * calib_seq_len * c.hidden_size * 4 * (L + 2)
@@ -50,13 +48,17 @@ def plan(model: str, kv_ratio=None, kv_dim=None, rank=None, rope_dim=None, dtype
         convert_peak = max(convert_peak, sensitivity_peak)
     parts = calib_parts(calib)
     if TEACHER_SAMPLES in parts:
-        # sampling the calibration text (convert/teacher.py), computed: the whole model in fp32 and one batch's
-        # key/value cache (at most 96 texts of prompt + calib_seq_len tokens, fp32 at worst); on a GPU, GPU memory
-        # (an upper bound: the batch as if every window were sampled). A GGUF source samples on a CPU from the
-        # model it is already held in (Source.model), so it is counted once.
+        # sampling the calibration text (convert/teacher.py), computed: the whole model, in bf16 where this
+        # machine multiplies bf16 natively (dtypes.resolve_precision) else fp32, and one batch's key/value cache
+        # (at most 96 texts of prompt + calib_seq_len tokens); on a GPU, GPU memory (an upper bound: the batch
+        # as if every window were sampled). A GGUF source is dequantized to fp32 tensor by tensor and cast
+        # while it loads (Qwen2.5-Coder-0.5B Q4_K_M in bf16: 3.0 GB peak, 1.8 GB after, docs/benchmarks.md §12);
+        # the rest of the conversion reads one GGUF tensor at a time (sources.GGUFWeights).
+        wb = 2 if dtypes.resolve_precision("auto") == "bf16" else 4
         batch = min(96, math.ceil(calib_samples * OVERSAMPLE))
-        kv = batch * (calib_seq_len + 64) * L * 2 * c.num_key_value_heads * h * 4
-        convert_peak = max(convert_peak, 0.5e9 + params["total"] * 4 + kv)
+        kv = batch * (calib_seq_len + 64) * L * 2 * c.num_key_value_heads * h * wb
+        load = params["total"] * (wb + 4) if _locate(model)[1] else params["total"] * wb
+        convert_peak = max(convert_peak, 0.5e9 + max(load, params["total"] * wb + kv))
     heal_bytes = params["total"] * (2 + 2 + 12) + params["total"] * 2  # bf16 weights+grads, fp32 Adam+master, teacher
     rank_mean = budget.uniform_rank or budget.latent_total_per_layer
     return {

@@ -9,13 +9,9 @@ import os
 import re
 from pathlib import Path
 
-os.environ["COLUMNS"] = "110"
-os.environ["NO_COLOR"] = "1"
-os.environ["TERM"] = "dumb"
-
-from typer.testing import CliRunner  # noqa: E402
-
-from mla_retrofit_cli.main import app  # noqa: E402
+#: the terminal the page is rendered for (rich reads these when it draws the help)
+TERMINAL = {"COLUMNS": "110", "NO_COLOR": "1", "TERM": "dumb"}
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 
 INTRO = """# Command line reference
 
@@ -37,17 +33,35 @@ A bare `heal` uses the last `convert` output recorded in `./.mla-retrofit/state.
 """
 
 
+def render() -> str:
+    """The page, from the CLI's --help as it is now (tests/test_shape.py checks docs/cli.md against it)."""
+    from typer.testing import CliRunner
+
+    from mla_retrofit_cli.main import app
+
+    saved = {k: os.environ.get(k) for k in TERMINAL}
+    os.environ.update(TERMINAL)
+    try:
+        runner = CliRunner()
+        parts = [INTRO]
+        for cmd in ([], ["convert"], ["heal"], ["bench"], ["inspect"], ["export"]):
+            r = runner.invoke(app, [*cmd, "--help"], terminal_width=110, prog_name="mla-retrofit")
+            if r.exit_code != 0:
+                raise RuntimeError(f"mla-retrofit {' '.join(cmd)} --help failed: {r.output}")
+            text = re.sub(r"\x1b\[[0-9;]*m", "", r.output)
+            title = " ".join(["mla-retrofit", *cmd])
+            parts.append(f"## `{title}`\n\n```\n" + "\n".join(l.rstrip() for l in text.strip().splitlines()) + "\n```\n")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return "\n".join(parts)
+
+
 def main() -> None:
-    runner = CliRunner()
-    parts = [INTRO]
-    for cmd in ([], ["convert"], ["heal"], ["bench"], ["inspect"], ["export"]):
-        r = runner.invoke(app, [*cmd, "--help"], terminal_width=110, prog_name="mla-retrofit")
-        if r.exit_code != 0:
-            continue
-        text = re.sub(r"\x1b\[[0-9;]*m", "", r.output)
-        title = " ".join(["mla-retrofit", *cmd])
-        parts.append(f"## `{title}`\n\n```\n" + "\n".join(l.rstrip() for l in text.strip().splitlines()) + "\n```\n")
-    Path(__file__).resolve().parents[1].joinpath("docs", "cli.md").write_text("\n".join(parts))
+    PAGE.write_text(render())
 
 
 if __name__ == "__main__":

@@ -453,7 +453,7 @@ def test_calibration_text_is_sampled_from_the_source_topped_up_and_cached(tiny_s
     """The default calibration (``teacher-samples``) samples the source until the windows are full, drawing each
     top-up with its own seed, writes the texts to the output, and reads them back instead of sampling again."""
     from mla_retrofit.convert import teacher
-    from mla_retrofit.heal import samples
+    from mla_retrofit import sampling as samples
 
     src = tiny_src("llama")
     real, seeds = samples.sample, []
@@ -483,26 +483,6 @@ def test_calibration_text_is_sampled_from_the_source_topped_up_and_cached(tiny_s
     assert again == texts
     with pytest.raises(AssertionError, match="sampled again"):  # other settings are not served from the cache
         teacher.calibration_texts(str(src), tok, 6, 64, 2, cached)
-
-
-def test_sampling_reuses_a_source_already_in_memory(tiny_src, monkeypatch):
-    """A GGUF source is dequantized into a whole model to read its weights (``Source.model``); convert samples
-    its calibration text from that model instead of loading the source again, and the texts are the same."""
-    from mla_retrofit import sources
-    from mla_retrofit.convert import teacher
-
-    src = str(tiny_src("llama"))
-    tok = sources.load_tokenizer(src)
-    fresh = teacher.calibration_texts(src, tok, 2, 32, 1, None)
-    loaded = sources.load_model(src)
-
-    def forbidden(*a, **kw):
-        raise AssertionError("loaded the source again")
-
-    monkeypatch.setattr(sources, "load_model", forbidden)
-    assert teacher.calibration_texts(src, tok, 2, 32, 1, None, loaded=loaded) == fresh
-    with pytest.raises(AssertionError, match="loaded the source again"):  # without it, the source is loaded
-        teacher.calibration_texts(src, tok, 2, 32, 1, None)
 
 
 def test_a_conversions_saved_calibration_text_reproduces_it(tiny_src, tmp_path):

@@ -387,7 +387,7 @@ def test_refit_lands_each_layer_closer_to_the_teachers_residual_stream(setup, tm
 
 # -- precision and the teacher-sample sampler ------------------------------------------------------------
 def test_inverse_cdf_draw_follows_the_softmax():
-    from mla_retrofit.heal.samples import draw
+    from mla_retrofit.sampling import draw
 
     torch.manual_seed(0)
     logits = torch.tensor([[0.0, 1.0, -1.0, 2.0, -30.0, 0.5]])
@@ -401,7 +401,7 @@ def test_inverse_cdf_draw_follows_the_softmax():
 def test_inverse_cdf_sampler_leaves_one_token_and_respects_top_p():
     from transformers import TopPLogitsWarper
 
-    from mla_retrofit.heal.samples import InverseCdfSampler
+    from mla_retrofit.sampling import InverseCdfSampler
 
     torch.manual_seed(1)
     scores = torch.tensor([[3.0, 2.0, 0.0, -1.0]]).expand(4000, -1)
@@ -413,7 +413,7 @@ def test_inverse_cdf_sampler_leaves_one_token_and_respects_top_p():
 
 
 def test_teacher_samples_are_reproducible_and_continue_the_prompts(tmp_path):
-    from mla_retrofit.heal import samples
+    from mla_retrofit import sampling as samples
 
     src = tmp_path / "src"
     save_tiny("llama", src)
@@ -431,7 +431,7 @@ def test_teacher_samples_are_reproducible_and_continue_the_prompts(tmp_path):
 def test_the_cached_decoder_picks_the_tokens_generate_picks(tmp_path, family):
     """decode() (preallocated cache, grouped heads) against transformers' generate, same uniform draws: the
     same texts, left-padded prompts of different lengths included, and rows that end early."""
-    from mla_retrofit.heal import samples
+    from mla_retrofit import sampling as samples
 
     save_tiny(family, tmp_path / "src")
     teacher, tok = models.load_teacher(str(tmp_path / "src")), load_tokenizer(str(tmp_path / "src"))
@@ -456,10 +456,22 @@ def test_the_cached_decoder_picks_the_tokens_generate_picks(tmp_path, family):
     ("auto", True, False, "bf16"), ("auto", False, True, "bf16"), ("auto", False, False, "fp32"),
     ("fp32", True, True, "fp32"), ("bf16", False, False, "bf16")])
 def test_precision_auto_means_bf16_only_where_the_hardware_has_it(monkeypatch, asked, cuda, amx, expected):
-    from mla_retrofit.heal import engine
+    from mla_retrofit import dtypes
 
-    monkeypatch.setattr(engine, "cpu_has_bf16_matmul", lambda: amx)
-    assert engine.resolve_precision(asked, cuda=cuda) == expected
+    monkeypatch.setattr(dtypes, "cpu_has_bf16_matmul", lambda: amx)
+    assert dtypes.resolve_precision(asked, cuda=cuda) == expected
+
+
+@pytest.mark.parametrize("amx,flags,expected", [(True, set(), True), (False, {"avx512f", "avx512_bf16"}, True),
+                                                (False, {"avx2", "avx512f"}, False)])
+def test_bf16_matmul_is_native_with_amx_or_avx512_bf16(monkeypatch, amx, flags, expected):
+    import torch
+
+    from mla_retrofit import dtypes
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: flags)
+    assert dtypes.cpu_has_bf16_matmul() is expected
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -99,3 +99,58 @@ def save_tiny(family: str, directory: Path, layers: int = 2, seed: int = 0) -> P
     model.save_pretrained(str(directory))
     tiny_tokenizer().save_pretrained(str(directory))
     return directory
+
+
+def save_tiny_gguf(family: str, path: Path, layers: int = 2, seed: int = 0) -> Path:
+    """A tiny random model of ``family`` ("llama" or "qwen2") written as a GGUF the way llama.cpp's converter
+    lays one out (Llama's q/k rows permuted), with weight matrices in Q8_0 and norms/biases in F32, plus the
+    tiny tokenizer's vocabulary. Only what transformers' GGUF loader reads is written."""
+    import gguf
+    import numpy as np
+
+    model = tiny_model(family, layers, seed)
+    c = model.config
+    arch = {"llama": "llama", "qwen2": "qwen2"}[family]
+    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), layers)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
+    w.add_vocab_size(c.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    tok = tiny_tokenizer()
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([t for t, _ in vocab] + [f"<unused{i}>" for i in range(c.vocab_size - len(vocab))])
+    w.add_token_types([1] * c.vocab_size)
+    w.add_token_scores([0.0] * c.vocab_size)
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    w.add_eos_token_id(0)
+
+    def permute(x, heads):  # llama.cpp's LlamaModel.permute
+        return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    for hf_name, t in model.state_dict().items():
+        base, suffix = hf_name.rsplit(".", 1)
+        name = names.get_name(base) + "." + suffix
+        x = t.float().numpy()
+        if family == "llama" and hf_name.endswith("q_proj.weight"):
+            x = permute(x, c.num_attention_heads)
+        elif family == "llama" and hf_name.endswith("k_proj.weight"):
+            x = permute(x, c.num_key_value_heads)
+        if x.ndim == 2 and x.shape[1] % 32 == 0:
+            w.add_tensor(name, gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(name, np.ascontiguousarray(x, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

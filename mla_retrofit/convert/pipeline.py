@@ -102,7 +102,7 @@ class Converter:
 
                 report = lambda done, total: self.progress("samples", done, total)  # noqa: E731
                 texts = calibration_texts(cfg.model, tok, share, cfg.calib_seq_len, cfg.calib_seed,
-                                          work and work.teacher_samples, report, loaded=self.source.model)
+                                          work and work.teacher_samples, report)
             else:
                 texts = data.texts(spec, tok)
             got.append(data.token_windows(texts, tok, share, cfg.calib_seq_len, seed=cfg.calib_seed))

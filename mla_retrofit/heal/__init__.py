@@ -11,8 +11,8 @@ from .config import BASE, PHASES, PRESETS, HealConfig
 
 __all__ = ["BASE", "PHASES", "PRESETS", "HealConfig", "HealRecipe", "HealResult", "PhasePlan", "PhaseResult", "Plan",
            "heal"]
-_LAZY = {"PhasePlan": ".plan", "Plan": ".plan", "HealRecipe": ".recipe", "HealResult": ".recipe",
-         "PhaseResult": ".recipe", "heal": ".recipe"}
+_LAZY = {"PhasePlan": ".plan", "Plan": ".plan", "HealRecipe": ".recipe", "HealResult": ".results",
+         "PhaseResult": ".results", "heal": ".recipe"}
 
 
 def __getattr__(name: str):

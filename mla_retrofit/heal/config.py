@@ -30,7 +30,7 @@ BASE: dict = dict(
 #: steps go to phase 1, whose steps cost about 60% of phase 2's and which moved the held-out KL most per
 #: second (§7, "A cheaper step, spent on phase 1"), at 8x phase 2's learning rate, which a local
 #: regression takes and a short budget needs (§7, "Phase 1's learning rate"). Sized for bf16 autocast on
-#: an AMX CPU (under 30 minutes on this project's 2 cores); in float32 (no AMX) an earlier budget took
+#: a CPU with AMX or AVX-512 BF16 (under 30 minutes on an AMX 2-core Xeon); in float32 an earlier budget took
 #: twice bf16's time.
 #: ``gpu-7b``: a distillation budget for 7B models on one 8-GPU node (``accelerate launch``); SmolTalk
 #: when the Hub is reachable, with a little next-token loss in phase 3. Not checked on a GPU yet.
@@ -94,7 +94,7 @@ class HealConfig(Config):
     sample_tokens: int | None = None  # teacher-samples: new tokens per text (default: seq_len)
     sample_top_p: float = 1.0  # teacher-samples: nucleus mass at temperature 1 (1.0: plain sampling)
     gradient_checkpointing: bool | None = None
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # matmuls of training and sampling; auto: bf16 on CUDA and AMX CPUs
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # matmuls of training and sampling; auto: bf16 on CUDA and bf16-native CPUs
     dry_run: bool = False
     seed: int = 0
     overwrite: bool = False

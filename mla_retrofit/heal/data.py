@@ -47,6 +47,8 @@ resuming exact.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import UserError
@@ -201,3 +203,26 @@ class PackedStream:
         for row, (w_ids, w_pos, w_mask) in enumerate(done[:n]):
             ids[row], pos[row], mask[row] = w_ids, w_pos, w_mask
         return ids, pos, mask
+
+
+@dataclass
+class HealWindows:
+    """A heal run's tokens: the training windows of the whole plan and the gate's dev windows (disjoint
+    documents where there are enough of them)."""
+
+    ids: torch.Tensor  # [N, T] training windows, in plan order
+    positions: torch.Tensor  # [N, T] restarting at every document start
+    mask: torch.Tensor  # [N, T] which next tokens are targets
+    mask_mode: str
+    dev_ids: torch.Tensor
+    dev_positions: torch.Tensor
+    dev_held_out: bool
+
+    @classmethod
+    def build(cls, records: list, tokenizer, seq_len: int, sequences: int, dev_fraction: float, dev_windows: int,
+              seed: int) -> "HealWindows":
+        train, dev = split_dev(records, dev_fraction, seed)
+        stream = PackedStream(train, tokenizer, seq_len, seed)
+        ids, positions, mask = stream.take(sequences)
+        dev_ids, dev_positions, _ = PackedStream(dev or train, tokenizer, seq_len, seed + 1).take(dev_windows)
+        return cls(ids, positions, mask, stream.mode, dev_ids, dev_positions, bool(dev))

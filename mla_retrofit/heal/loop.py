@@ -12,31 +12,18 @@ import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Callable
+from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..errors import UserError
+from .config import HealConfig
 from .engine import Engine
 from .losses import ce_targets
-from .plan import PhasePlan
-from .state import ResumeState, latest_checkpoint
-
-if TYPE_CHECKING:
-    from .recipe import HealRecipe
-
-
-@dataclass
-class PhaseResult:
-    name: str
-    steps: int
-    tokens: int
-    final_loss: float | None
-    seconds: float
-    dev_kl_before: float | None = None
-    dev_kl_after: float | None = None
-    dev_top1_after: float | None = None
-    kept: bool = True  # False: the phase made the dev KL worse and its weights were dropped
+from .plan import PhasePlan, Plan
+from .results import PhaseResult
+from .state import MetricsLog, ResumeState, latest_checkpoint
 
 
 @dataclass
@@ -54,15 +41,30 @@ def make_batch(ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -
     return Batch(ids, positions, torch.ones(ids.shape, device=ids.device), target, keep.float())
 
 
+@dataclass
+class PhaseContext:
+    """What every phase's loop works with, handed over explicitly by the recipe."""
+
+    cfg: HealConfig
+    plan: Plan
+    engine: Engine
+    loss: Callable  # (phase, student, wrapped, batch, counts) -> (loss, parts): the Objective's
+    metrics: MetricsLog
+    progress: Callable[[str, int, int, dict], None]
+    ckpt_root: Path
+    evaluate: Callable  # (state, student, label) -> DevScore: the fidelity gate's score, logged
+    save: Callable  # (state, module, wrapped, optimizer, scheduler, sync) -> checkpoint path
+
+
 class PhaseRun:
     """The training loop of one phase (steps, logging, checkpoints, interruption)."""
 
-    def __init__(self, recipe: HealRecipe, phase: PhasePlan, state: ResumeState, student, module, wrapped,
+    def __init__(self, ctx: PhaseContext, phase: PhasePlan, state: ResumeState, student, module, wrapped,
                  optimizer, scheduler, params):
-        self.r, self.phase, self.state = recipe, phase, state
+        self.ctx, self.phase, self.state = ctx, phase, state
         self.student, self.module, self.wrapped = student, module, wrapped
         self.optimizer, self.scheduler, self.params = optimizer, scheduler, params
-        self.engine: Engine = recipe.engine
+        self.engine: Engine = ctx.engine
         self.saved_step = state.step
         self.updating = False
         self.loss: float | None = None
@@ -73,9 +75,9 @@ class PhaseRun:
         try:
             while self.state.step < self.phase.steps:
                 self.step(batches)
-                if self._due(self.r.cfg.eval_every):
-                    self.r.evaluate(self.state, self.student, f"{self.phase.name} step {self.state.step}")
-                if self._due(self.r.cfg.save_every):
+                if self._due(self.ctx.cfg.eval_every):
+                    self.ctx.evaluate(self.state, self.student, f"{self.phase.name} step {self.state.step}")
+                if self._due(self.ctx.cfg.save_every):
                     self.checkpoint()
         except KeyboardInterrupt:
             if not self.updating and self.state.step > self.saved_step and not self.engine.sharded:
@@ -93,14 +95,14 @@ class PhaseRun:
         loss, extra = self.accumulate(batches)
         if not math.isfinite(loss):
             self.fail(f"loss is {loss}")
-        norm = self.engine.clip(self.params, self.r.cfg.max_grad_norm)
+        norm = self.engine.clip(self.params, self.ctx.cfg.max_grad_norm)
         if not math.isfinite(norm):
             self.fail(f"gradient norm is {norm}")
         self.updating = True
         self.optimizer.step()
         self.scheduler.step()
         self.state.step += 1
-        self.state.sequences += self.r.plan.batch_size * self.r.plan.grad_accum * self.r.plan.world_size
+        self.state.sequences += self.ctx.plan.batch_size * self.ctx.plan.grad_accum * self.ctx.plan.world_size
         self.updating = False
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
@@ -109,7 +111,7 @@ class PhaseRun:
         self.log(loss, lr, norm, seconds, extra)
 
     def accumulate(self, batches) -> tuple[float, dict]:
-        accum = self.r.plan.grad_accum
+        accum = self.ctx.plan.grad_accum
         micro = [make_batch(*self.engine.to_device(next(batches))) for _ in range(accum)]
         counts = self.engine.sum(torch.stack([
             sum(b.kd_mask.sum() for b in micro), sum(b.ce_mask.sum() for b in micro)]).float())
@@ -119,7 +121,7 @@ class PhaseRun:
             sync = contextlib.nullcontext() if k == accum - 1 else self.engine.no_sync(self.wrapped)
             with sync:
                 with self.engine.autocast():
-                    loss, parts = self.r.objective.loss(self.phase, self.student, self.wrapped, batch, counts)
+                    loss, parts = self.ctx.loss(self.phase, self.student, self.wrapped, batch, counts)
                 if self.phase.name == "imitate":  # a mean per micro-batch: average them
                     loss = loss / accum
                 self.engine.backward(loss * scale)
@@ -133,23 +135,23 @@ class PhaseRun:
 
     def fail(self, what: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        last = latest_checkpoint(self.r.ckpt_root)
+        last = latest_checkpoint(self.ctx.ckpt_root)
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
         raise UserError(f"{what} at phase {self.phase.index} ({self.phase.name}) step {self.state.step + 1}; "
                         f"stopped, {where}; lower --lr (and --resume) or check the data")
 
     def log(self, loss: float, lr: float, norm: float, seconds: float, extra: dict) -> None:
-        plan = self.r.plan
+        plan = self.ctx.plan
         tokens = plan.batch_size * plan.grad_accum * plan.world_size * plan.seq_len
         metrics = {"loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tokens / max(seconds, 1e-9), **extra}
-        if self.state.step % self.r.cfg.log_every == 0 or self.state.step == self.phase.steps:
-            self.r.metrics.write({"phase": self.phase.name, "phase_index": self.phase.index,
+        if self.state.step % self.ctx.cfg.log_every == 0 or self.state.step == self.phase.steps:
+            self.ctx.metrics.write({"phase": self.phase.name, "phase_index": self.phase.index,
                                   "step": self.state.step, "tokens": self.state.step * tokens, **metrics})
         if self.engine.is_main:
-            self.r.progress(self.phase.name, self.state.step, self.phase.steps, metrics)
+            self.ctx.progress(self.phase.name, self.state.step, self.phase.steps, metrics)
 
     def checkpoint(self, sync: bool = True) -> None:
-        self.r.save(self.state, self.module, self.wrapped, self.optimizer, self.scheduler, sync)
+        self.ctx.save(self.state, self.module, self.wrapped, self.optimizer, self.scheduler, sync)
         self.saved_step = self.state.step
 
     def result(self, before: float | None, after, kept: bool) -> dict:

@@ -12,52 +12,51 @@ from pathlib import Path
 
 import torch
 
-from typing import TYPE_CHECKING
-
 from .. import __version__, dtypes
 from . import models
+from .config import HealConfig
+from .data import HealWindows
+from .results import HealResult
 
-if TYPE_CHECKING:
-    from .recipe import HealResult
+
+def heal_record(cfg: HealConfig, result: HealResult, data: HealWindows) -> dict:
+    """The ``heal`` record ``conversion.json`` gets: the settings, the data, each phase's result, the dev scores."""
+    plan = result.plan
+    return {
+        "mla_retrofit_version": __version__,
+        "teacher": plan.teacher,
+        "data": cfg.data,
+        "mask_mode": data.mask_mode,
+        "dev_split": "held out of the training documents" if data.dev_held_out else
+                     "the training documents (too few to hold some out)",
+        "dev": result.evals,
+        "phases": [asdict(p) for p in result.phases],
+        "steps": plan.total_steps,
+        "tokens": plan.total_tokens,
+        "final_losses": result.final_losses,
+        "seconds": round(result.seconds, 1),
+        "world_size": plan.world_size,
+        "config": cfg.as_dict(),
+    }
 
 
-class OutputMixin:
-    """Output writing of :class:`~mla_retrofit.heal.recipe.HealRecipe` (uses its ``cfg``, ``plan``, ``out``...)."""
-
-    def heal_record(self, result: HealResult) -> dict:
-        return {
-            "mla_retrofit_version": __version__,
-            "teacher": self.plan.teacher,
-            "data": self.cfg.data,
-            "mask_mode": self.mask_mode,
-            "dev_split": "held out of the training documents" if self.dev_held_out else
-                         "the training documents (too few to hold some out)",
-            "dev": result.evals,
-            "phases": [asdict(p) for p in result.phases],
-            "steps": self.plan.total_steps,
-            "tokens": self.plan.total_tokens,
-            "final_losses": result.final_losses,
-            "seconds": round(result.seconds, 1),
-            "world_size": self.plan.world_size,
-            "config": self.cfg.as_dict(),
-        }
-
-    def _place_output(self, model, heal: dict) -> None:
-        """Save the healed model next to the run's files; ``conversion.json`` (the completion marker) goes last."""
-        src = Path(self.cfg.model)
-        record = json.loads((src / "conversion.json").read_text()) if (src / "conversion.json").is_file() else {}
-        record["heal"] = heal
-        tmp = self.out / f".final-{uuid.uuid4().hex[:6]}"
-        tmp.mkdir()
-        models.save_student(model, tmp, self.tokenizer, {"README.md": _model_card(src, heal)})
-        for path in sorted(tmp.iterdir()):
-            os.replace(path, self.out / path.name)
-        tmp.rmdir()
-        marker = self.out / ".conversion.json.tmp"
-        marker.write_text(json.dumps(record, indent=2))
-        os.replace(marker, self.out / "conversion.json")
-        if self.cfg.cleanup:
-            shutil.rmtree(self.ckpt_root, ignore_errors=True)
+def place_output(cfg: HealConfig, model, tokenizer, heal: dict, ckpt_root: Path) -> None:
+    """Save the healed model into ``cfg.output`` next to the run's files; ``conversion.json`` (the completion
+    marker) goes last; with ``cfg.cleanup`` the checkpoints under ``ckpt_root`` go."""
+    src, out = Path(cfg.model), Path(cfg.output)
+    record = json.loads((src / "conversion.json").read_text()) if (src / "conversion.json").is_file() else {}
+    record["heal"] = heal
+    tmp = out / f".final-{uuid.uuid4().hex[:6]}"
+    tmp.mkdir()
+    models.save_student(model, tmp, tokenizer, {"README.md": _model_card(src, heal)})
+    for path in sorted(tmp.iterdir()):
+        os.replace(path, out / path.name)
+    tmp.rmdir()
+    marker = out / ".conversion.json.tmp"
+    marker.write_text(json.dumps(record, indent=2))
+    os.replace(marker, out / "conversion.json")
+    if cfg.cleanup:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
 
 
 def saved_dtype(model_dir: str) -> torch.dtype:

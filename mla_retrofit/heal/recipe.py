@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -36,17 +36,19 @@ from torch.utils.data import DataLoader, TensorDataset
 from ..data import TEACHER_SAMPLES, heal_records
 from ..errors import UserError
 from ..sources import load_tokenizer
-from . import models, samples
+from .. import sampling as samples
+from . import models
 from .config import HealConfig
-from .data import PackedStream, split_dev
-from .engine import make_engine, rng_state, seed_everything, set_rng_state
+from .data import HealWindows
+from .engine import Engine, make_engine, rng_state, seed_everything, set_rng_state
 from .gate import DevScore, dev_score
-from .loop import PhaseResult, PhaseRun, lr_lambda
-from .output import OutputMixin, saved_dtype
+from .loop import PhaseContext, PhaseRun, lr_lambda
+from .output import heal_record, place_output, saved_dtype
 from .models import causal_mask
 from .objective import Objective
 from .plan import PhasePlan, Plan, make_plan
 from .refit import refit_output_projections
+from .results import HealResult, PhaseResult
 from .state import (Checkpoint, CheckpointError, MetricsLog, ResumeState, latest_checkpoint, load_part, read_state,
                     save_checkpoint)
 
@@ -55,33 +57,28 @@ __all__ = ["HealRecipe", "HealResult", "PhaseResult", "heal", "lr_lambda"]
 Progress = Callable[[str, int, int, dict], None]
 
 
-@dataclass
-class HealResult:
-    output: str
-    plan: Plan
-    phases: list[PhaseResult] = field(default_factory=list)
-    seconds: float = 0.0  # training time over all phases (this run and any it resumed)
-    dry_run: bool = False
-    resumed: bool = False
-    already_done: bool = False  # OUT already held this heal; nothing was trained
-    evals: list[dict] = field(default_factory=list)  # dev-split scores against the teacher
-
-    @property
-    def final_losses(self) -> dict[str, float | None]:
-        return {p.name: p.final_loss for p in self.phases}
-
-
 def heal(cfg: HealConfig, progress: Progress | None = None) -> HealResult:
     """Heal the converted model ``cfg.model`` into ``cfg.output`` (or only plan it with ``dry_run``)."""
     return HealRecipe(cfg, progress).run()
 
 
-class HealRecipe(OutputMixin):
+class HealRecipe:
+    """One heal run over explicit collaborators: the engine (where it trains), the plan (steps per phase), the
+    data (:class:`HealWindows`), the teacher (loaded once, dropped after the last phase), the objective (what a
+    phase minimises), the metrics log and the checkpoints under ``OUT/checkpoints``. ``run`` makes them in order;
+    until then they are None."""
+
     def __init__(self, cfg: HealConfig, progress: Progress | None = None):
         self.cfg = cfg.resolved()
         self.progress = progress or (lambda phase, step, total, metrics: None)
         self.out = Path(self.cfg.output)
         self.ckpt_root = self.out / "checkpoints"
+        self.engine: Engine | None = None
+        self.plan: Plan | None = None
+        self.tokenizer = None
+        self.data: HealWindows | None = None
+        self.metrics: MetricsLog | None = None
+        self.objective: Objective | None = None
         self._teacher = None
 
     # -- setup ------------------------------------------------------------------------------------
@@ -103,8 +100,11 @@ class HealRecipe(OutputMixin):
         self.tokenizer = load_tokenizer(self.cfg.model)
         records = None if self.cfg.data == TEACHER_SAMPLES else self.records()  # bad data fails before OUT exists
         state = self.prepare_output()
-        self.load_data(records if records is not None else self.records())
-        self.objective = Objective(self.cfg, self.teacher, self.engine, lambda: (self.ids, self.positions),
+        cfg = self.cfg
+        self.data = HealWindows.build(records if records is not None else self.records(), self.tokenizer,
+                                      cfg.seq_len, self.plan.total_sequences, cfg.dev_fraction, cfg.dev_windows,
+                                      cfg.seed)
+        self.objective = Objective(cfg, self.teacher, self.engine, lambda: (self.data.ids, self.data.positions),
                                    self.progress)
         resumed = state.phase > 0
         if not state.evals:
@@ -139,21 +139,10 @@ class HealRecipe(OutputMixin):
             texts = samples.read_cached(path, wanted)
         return texts
 
-    def load_data(self, records: list) -> None:
-        """Training windows for the whole plan and the dev windows of the gate (disjoint documents)."""
-        cfg = self.cfg
-        train, dev = split_dev(records, cfg.dev_fraction, cfg.seed)
-        stream = PackedStream(train, self.tokenizer, cfg.seq_len, cfg.seed)
-        self.ids, self.positions, self.mask = stream.take(self.plan.total_sequences)
-        self.mask_mode = stream.mode
-        self.dev_ids, self.dev_positions, _ = PackedStream(dev or train, self.tokenizer, cfg.seq_len,
-                                                           cfg.seed + 1).take(cfg.dev_windows)
-        self.dev_held_out = bool(dev)
-
     # -- the fidelity gate ------------------------------------------------------------------------
     def evaluate(self, state: ResumeState, student, label: str) -> DevScore:
         """Score ``student`` on the dev split, log it (metrics.jsonl, progress line) and keep it in ``state``."""
-        score = dev_score(student, self.teacher(), self.dev_ids, self.dev_positions, self.cfg.batch_size,
+        score = dev_score(student, self.teacher(), self.data.dev_ids, self.data.dev_positions, self.cfg.batch_size,
                           self.cfg.loss_chunk)
         record = {"after": label, "phase_index": state.phase, "step": state.step, **score.as_dict()}
         state.evals.append(record)
@@ -272,7 +261,8 @@ class HealRecipe(OutputMixin):
         per_step = self.plan.batch_size * self.plan.grad_accum * self.plan.world_size
         first = phase.first_sequence + start_step * per_step
         end = phase.first_sequence + phase.sequences
-        data = TensorDataset(self.ids[first:end], self.positions[first:end], self.mask[first:end])
+        d = self.data
+        data = TensorDataset(d.ids[first:end], d.positions[first:end], d.mask[first:end])
         return DataLoader(data, batch_size=self.plan.batch_size, shuffle=False)
 
     # -- training ---------------------------------------------------------------------------------
@@ -280,8 +270,8 @@ class HealRecipe(OutputMixin):
         """Phase 0: the closed-form refit of every ``o_proj`` (``refit``), gated like a phase."""
         cfg, device, t0 = self.cfg, self.engine.device, time.perf_counter()
         student = models.load_student(cfg.model).to(device).eval()
-        n = min(cfg.refit_windows, self.ids.shape[0])
-        ids, pos = self.ids[:n].to(device).long(), self.positions[:n].to(device).long()
+        n = min(cfg.refit_windows, self.data.ids.shape[0])
+        ids, pos = self.data.ids[:n].to(device).long(), self.data.positions[:n].to(device).long()
         mask = causal_mask(student.config, student.model.embed_tokens(ids), pos)
         report = lambda done, total: self.progress("refit", done, total, {}) if self.engine.is_main else None  # noqa: E731
         errors = refit_output_projections(student, self.teacher(), ids, pos, mask, cfg.refit_ridge, report)
@@ -315,7 +305,9 @@ class HealRecipe(OutputMixin):
         else:
             seed_everything(cfg.seed + phase.index)
         state = ResumeState(**{**asdict(state), "phase": phase.index, "step": start, "phase_done": False})
-        run = PhaseRun(self, phase, state, student, module, wrapped, optimizer, scheduler, params)
+        ctx = PhaseContext(cfg, self.plan, engine, self.objective.loss, self.metrics, self.progress, self.ckpt_root,
+                           self.evaluate, self.save)
+        run = PhaseRun(ctx, phase, state, student, module, wrapped, optimizer, scheduler, params)
         state = run.train(loader)
         engine.release()
         return self.finish_phase(run, origin)
@@ -376,6 +368,6 @@ class HealRecipe(OutputMixin):
         if self.engine.is_main:
             model = self.student(state.checkpoint or None)
             model.to(saved_dtype(self.cfg.model))
-            self._place_output(model, self.heal_record(result))
+            place_output(self.cfg, model, self.tokenizer, heal_record(self.cfg, result, self.data), self.ckpt_root)
         self.engine.wait()
         return result

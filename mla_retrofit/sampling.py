@@ -1,4 +1,4 @@
-"""``teacher-samples``: healing text sampled from the teacher itself, cached in the output directory.
+"""``teacher-samples``: text sampled from the original model itself, for calibration (convert) and healing (heal).
 
 Needs no data set and leaks no evaluation text: short built-in prompts (half
 as chat requests through the chat template, half as plain openings of prose),
@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from ..modeling.rope_mla import apply_rope
+from .modeling.rope_mla import apply_rope
 
 REQUESTS = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -144,8 +144,10 @@ def sample(teacher, tokenizer, n: int, length: int, seed: int, top_p: float = 1.
 
     processors = LogitsProcessorList(([TopPLogitsWarper(top_p)] if top_p < 1 else []) + [InverseCdfSampler()])
     out: list[str] = []
-    side = tokenizer.padding_side
+    side, pad_token = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
+    if pad_token is None:  # a tokenizer without one (some GGUFs) pads the prompts with its EOS token
+        tokenizer.pad_token = tokenizer.eos_token
     try:
         for start in range(0, n, batch_size):
             batch = [texts[i % len(texts)] for i in range(start, min(n, start + batch_size))]
@@ -164,6 +166,8 @@ def sample(teacher, tokenizer, n: int, length: int, seed: int, top_p: float = 1.
                 progress(len(out), n)
     finally:
         tokenizer.padding_side = side
+        if pad_token is None:
+            tokenizer.pad_token = None
     return out
 
 
